@@ -1,0 +1,390 @@
+"""Write explanation maps as NIfTI files that open on the source scan in any viewer.
+
+Each file is float32 with the source's RAS affine in both qform and sform (with the source's codes),
+``cal_min``/``cal_max`` set to the map's range, a short ``descrip`` and a JSON comment extension
+(method, layer, class, score). Nothing from the patient goes into headers or file names.
+
+Writes are all-or-nothing: every target is checked first (existing file, input file), each file is
+written to a hidden temp file in ``out_dir`` and moved into place with an atomic rename; on any error
+the temp files and the files this call already placed are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medcam3d.errors import ExportError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medcam3d.spatial.explanation import Explanation
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+DEFAULT_STEM = "medcam3d"
+NIFTI_SUFFIX = ".nii.gz"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_PART = 64
+
+
+def sanitize_name(name: Any, fallback: str) -> str:
+    """A file-name part made only of ``[A-Za-z0-9._-]``: no separators, no '..', no leading dot."""
+    s = _UNSAFE.sub("_", str(name))
+    s = re.sub(r"\.{2,}", ".", s)
+    s = s.strip("._-")[:_MAX_PART].strip("._-")
+    return s or fallback
+
+
+def _to_numpy(maps: Any) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(maps, torch.Tensor):
+            t = maps.as_tensor() if hasattr(maps, "as_tensor") else maps
+            return t.detach().to("cpu", torch.float32).numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(maps, dtype=np.float32)
+
+
+def _ras_affine(maps: Any) -> np.ndarray:
+    """The maps' affine in nibabel's RAS world convention (MetaTensor affines are RAS unless meta says LPS)."""
+    aff = getattr(maps, "affine", None)
+    if aff is None:
+        raise ExportError(
+            "The maps carry no affine (not a MetaTensor?); cannot place them on the scan. Build the "
+            "Explanation from a volume loaded with medcam3d.io.load_volume."
+        )
+    aff = _to_numpy(aff).astype(np.float64) if not isinstance(aff, np.ndarray) else aff.astype(np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise ExportError(f"The maps' affine is not a finite, invertible 4x4 matrix:\n{aff}")
+    space = str(_meta(maps).get("space", "RAS")).upper()
+    if space == "LPS":
+        aff = LPS_TO_RAS @ aff
+    return aff
+
+
+def _meta(maps: Any) -> dict[str, Any]:
+    meta = getattr(maps, "meta", None)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _code(value: Any) -> int | None:
+    try:
+        code = int(np.asarray(value.cpu() if hasattr(value, "cpu") else value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return code if 0 <= code <= 4 else None
+
+
+def _xform_codes(meta: dict[str, Any]) -> tuple[int, int]:
+    """(qform_code, sform_code): the source's where it had any, else 1 (scanner) for both."""
+    q, s = _code(meta.get("qform_code")), _code(meta.get("sform_code"))
+    if not q and not s:
+        return 1, 1
+    return (q or 0), (s or 0)
+
+
+def _flatten_paths(obj: Any) -> list[str]:
+    if obj is None:
+        return []
+    if isinstance(obj, (str, os.PathLike)):
+        return [os.fspath(obj)]
+    if isinstance(obj, Iterable):
+        return [p for o in obj for p in _flatten_paths(o)]
+    return []
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def build_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    qform_code: int = 1,
+    sform_code: int = 1,
+    descrip: str = "",
+    intent_name: str = "",
+    extension: dict[str, Any] | None = None,
+) -> Any:
+    """A float32 ``Nifti1Image`` with ``affine`` in qform and sform, cal range and descrip set."""
+    import nibabel as nib
+
+    data = np.asarray(data, dtype=np.float32)
+    img = nib.Nifti1Image(data, affine)
+    hdr = img.header
+    hdr.set_data_dtype(np.float32)
+    img.set_sform(affine, code=sform_code)
+    img.set_qform(affine, code=qform_code)
+    if qform_code and not np.allclose(img.header.get_qform(), affine, atol=1e-4):
+        # a sheared affine (e.g. gantry tilt) has no exact quaternion form: keep it in the sform only
+        img.set_qform(affine, code=0)
+    hdr.set_xyzt_units("mm", "unknown")
+    finite = data[np.isfinite(data)]
+    hdr["cal_min"] = float(finite.min()) if finite.size else 0.0
+    hdr["cal_max"] = float(finite.max()) if finite.size else 0.0
+    hdr["descrip"] = descrip.encode("ascii", "replace")[:80]
+    hdr["intent_name"] = intent_name.encode("ascii", "replace")[:15]
+    if extension is not None:
+        blob = json.dumps(extension, sort_keys=True).encode("utf-8")
+        hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", blob))
+    return img
+
+
+def _write_all(items: Sequence[tuple[Any, Path]], overwrite: bool) -> list[Path]:
+    """Write ``(image, target)`` pairs all-or-nothing via temp files + rename in the target folder.
+
+    Replaced files (``overwrite``) are first renamed aside and restored if a later step fails.
+    """
+    import nibabel as nib
+
+    temps: list[tuple[str, Path]] = []
+    placed: list[Path] = []
+    backups: list[tuple[str, Path]] = []
+    try:
+        for img, target in items:
+            ext = ".nii.gz" if target.name.endswith(".nii.gz") else ".nii"  # nibabel picks gzip by suffix
+            tmp = _temp_path(target, ".partial" + ext)
+            temps.append((tmp, target))
+            nib.save(img, tmp)
+        for tmp, target in temps:
+            if overwrite and os.path.lexists(target):
+                bak = _temp_path(target, ".bak")
+                backups.append((bak, target))
+                os.replace(target, bak)
+            _place(tmp, target, overwrite)
+            placed.append(target)
+    except BaseException as e:
+        for tmp, _ in temps:
+            _unlink_quiet(tmp)
+        for target in placed:
+            _unlink_quiet(target)
+        for bak, target in backups:
+            try:
+                os.replace(bak, target)
+            except OSError:
+                pass
+        if isinstance(e, ExportError):
+            raise
+        if isinstance(e, Exception):
+            raise ExportError(
+                f"Could not write {items[0][1].parent if items else ''}: {type(e).__name__}: {e}. "
+                "No map file was left behind; check free space and permissions."
+            ) from e
+        raise
+    for bak, _ in backups:
+        _unlink_quiet(bak)
+    return [t for _, t in items]
+
+
+def _temp_path(target: Path, suffix: str) -> str:
+    """A new hidden file next to ``target`` (same filesystem, so renames are atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def _place(tmp: str, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:  # link() fails if the target appeared since we checked: never overwrite by accident
+        os.link(tmp, target)
+    except FileExistsError as e:
+        raise ExportError(f"{target} already exists; pass overwrite=True to replace it.") from e
+    except OSError:  # filesystem without hard links
+        if target.exists():
+            raise ExportError(f"{target} already exists; pass overwrite=True to replace it.") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _unlink_quiet(p: str | Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def _prepare_targets(
+    targets: Sequence[Path], out_dir: Path, inputs: Sequence[str], overwrite: bool
+) -> None:
+    """Refuse inputs and (unless overwrite) existing files for ALL targets, then make ``out_dir``."""
+    for t in targets:
+        for src in inputs:
+            if _same_file(str(t), src):
+                raise ExportError(
+                    f"Refusing to write {t}: it is an input file ({src}). Choose another out_dir or stem."
+                )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"Output folder {out_dir} exists but is not a folder; choose another out_dir.")
+    existing = [t for t in targets if os.path.lexists(t)]
+    dirs = [t for t in existing if os.path.isdir(t)]
+    if dirs:
+        raise ExportError(f"Cannot write {dirs[0]}: a folder of that name exists.")
+    if existing and not overwrite:
+        names = ", ".join(t.name for t in existing)
+        raise ExportError(f"Output file(s) already exist in {out_dir}: {names}. Pass overwrite=True to replace them.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(
+            f"Cannot create output folder {out_dir}: {type(e).__name__}: {e}. Choose a writable out_dir."
+        ) from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ExportError(f"Output folder {out_dir} is not writable; choose another out_dir.")
+
+
+def save_volume_nifti(
+    volume: Any,
+    path: str | os.PathLike[str],
+    *,
+    descrip: str = "medcam3d",
+    overwrite: bool = False,
+    source_paths: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Write one (1, X, Y, Z) or (X, Y, Z) MetaTensor as a float32 NIfTI with its RAS affine (atomic)."""
+    data = _to_numpy(volume)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ExportError(f"Expected a 3D volume (optionally with one channel), got shape {tuple(data.shape)}.")
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    if not target.name.endswith((".nii", ".nii.gz")):
+        raise ExportError(f"{target}: output name must end in .nii or .nii.gz.")
+    meta = _meta(volume)
+    q, s = _xform_codes(meta)
+    img = build_nifti(data, _ras_affine(volume), qform_code=q, sform_code=s, descrip=descrip)
+    inputs = _flatten_paths(source_paths) + _flatten_paths(meta.get("filename_or_obj"))
+    _prepare_targets([target], target.parent, inputs, overwrite)
+    return _write_all([(img, target)], overwrite)[0]
+
+
+def save_nifti(
+    expl: Explanation,
+    out_dir: str | os.PathLike[str],
+    stem: str | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    four_d: bool = False,
+    overwrite: bool = False,
+    source_paths: Sequence[str | os.PathLike[str]] = (),
+) -> list[Path]:
+    """Save one float32 NIfTI per class (plus one 4D file if ``four_d``) on the source scan's grid.
+
+    Files are ``{stem}_{method}_{class}.nii.gz`` (and ``{stem}_{method}_all-classes.nii.gz``), every
+    part reduced to ``[A-Za-z0-9._-]``; ``stem`` defaults to "medcam3d" and is never taken from the
+    scan. The affine is ``expl.maps.affine`` (RAS), stored in qform and sform with the source's codes
+    (from meta ``qform_code``/``sform_code``, else 1 = scanner).
+
+    Args:
+        expl: an Explanation (duck-typed: ``maps`` (K, X, Y, Z) MetaTensor, ``class_names``,
+            ``method``, ``target_layer``, optional ``logits``/``probabilities``).
+        out_dir: folder to write into (created if missing).
+        stem: file-name prefix chosen by the caller.
+        class_names: names to use instead of ``expl.class_names`` (K of them).
+        four_d: also write all classes in one 4D file (X, Y, Z, K).
+        overwrite: replace existing files; otherwise an existing target is an error.
+        source_paths: input files that must never be overwritten (the volume's own
+            ``meta['filename_or_obj']`` is always protected).
+
+    Returns:
+        The written paths: per-class files in class order, then the 4D file if any.
+
+    Raises:
+        ExportError: bad maps/affine/names, an existing target without ``overwrite``, a target that
+            is an input file, or an out_dir that cannot be created or written. Nothing is left behind.
+    """
+    maps = getattr(expl, "maps", None)
+    if maps is None:
+        raise ExportError("expl has no 'maps'; pass a medcam3d Explanation.")
+    data = _to_numpy(maps)
+    if data.ndim != 4:
+        raise ExportError(f"expl.maps must have shape (K, X, Y, Z); got {tuple(data.shape)}.")
+    k = data.shape[0]
+    if k == 0:
+        raise ExportError("expl.maps holds no maps (K = 0); nothing to save.")
+    names = list(class_names if class_names is not None else (getattr(expl, "class_names", None) or []))
+    if len(names) != k:
+        raise ExportError(f"{len(names)} class name(s) given for {k} map(s); give one name per map.")
+    affine = _ras_affine(maps)
+    meta = _meta(maps)
+    q, s = _xform_codes(meta)
+    method_raw = str(getattr(expl, "method", "") or "map")
+    layer = str(getattr(expl, "target_layer", "") or "")
+    method = sanitize_name(method_raw, "map")
+    stem_s = sanitize_name(stem if stem is not None else DEFAULT_STEM, DEFAULT_STEM)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+
+    used: set[str] = set()
+
+    def unique(part: str) -> Path:
+        name, n = f"{stem_s}_{method}_{part}{NIFTI_SUFFIX}", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{stem_s}_{method}_{part}-{n}{NIFTI_SUFFIX}"
+        used.add(name.lower())
+        return out / name
+
+    safe = [sanitize_name(nm, f"class{i}") for i, nm in enumerate(names)]
+    targets = [unique(c) for c in safe]
+    if four_d:
+        targets.append(unique("all-classes"))
+
+    def scalar(attr: str, i: int) -> float | None:
+        v = getattr(expl, attr, None)
+        try:
+            return float(_to_numpy(v).reshape(-1)[i])
+        except (TypeError, ValueError, IndexError):
+            return None
+
+    idx = getattr(expl, "class_idx", None)
+    classes = [
+        {
+            "name": str(nm),
+            "index": (int(_to_numpy(idx).reshape(-1)[i]) if idx is not None else i),
+            "logit": scalar("logits", i),
+            "probability": scalar("probabilities", i),
+        }
+        for i, nm in enumerate(names)
+    ]
+    base = {"generator": "medcam3d", "method": method_raw, "target_layer": layer}
+    items = []
+    for i in range(k):
+        descrip = f"medcam3d {method} class={safe[i]} layer={layer}"
+        ext = {**base, "class": classes[i]}
+        img = build_nifti(
+            data[i], affine, qform_code=q, sform_code=s, descrip=descrip, intent_name=method, extension=ext
+        )
+        items.append((img, targets[i]))
+    if four_d:
+        descrip = f"medcam3d {method} {k} classes (4th dim) layer={layer}"
+        ext = {**base, "classes": classes, "class_axis": 3}
+        img = build_nifti(
+            np.moveaxis(data, 0, -1),
+            affine,
+            qform_code=q,
+            sform_code=s,
+            descrip=descrip,
+            intent_name=method,
+            extension=ext,
+        )
+        items.append((img, targets[-1]))
+
+    inputs = _flatten_paths(source_paths) + _flatten_paths(meta.get("filename_or_obj"))
+    _prepare_targets(targets, out, inputs, overwrite)
+    return _write_all(items, overwrite)
