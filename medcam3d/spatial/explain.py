@@ -1,0 +1,136 @@
+"""Explain one scan end to end: preprocess, run the engine, map the maps back onto the scan's grid."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from medcam3d.engine import make_cam
+from medcam3d.errors import InputError
+from medcam3d.spatial.explanation import Explanation
+from medcam3d.spatial.inverse import maps_to_volume
+from medcam3d.spatial.preprocess import build_preprocessing, model_input
+from medcam3d.spatial.volume import as_volume
+
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    param = next(model.parameters(), None)
+    if device is None:
+        return param.device if param is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'.") from e
+    if param is not None and param.device != dev:
+        model.to(dev)
+    return dev
+
+
+def _names(class_names: Sequence[str] | None, n_outputs: int, idx: list[int]) -> list[str]:
+    if class_names is None:
+        return [f"class_{i}" for i in idx]
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise InputError(
+            f"class_names must be a list of {n_outputs} strings, got {type(class_names).__name__}."
+        )
+    names = list(class_names)
+    if len(names) != n_outputs:
+        raise InputError(
+            f"class_names has {len(names)} name(s) but the model has {n_outputs} output(s); give one "
+            "name per model output, in output order."
+        )
+    if not all(isinstance(n, str) and n for n in names):
+        raise InputError(f"class_names must be non-empty strings, got {names!r}.")
+    return [names[i] for i in idx]
+
+
+def _autocast(amp: bool, dev: torch.device) -> contextlib.AbstractContextManager:
+    if amp and dev.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def explain_volume(
+    model: nn.Module,
+    volume: Any,
+    preprocess: Any = None,
+    method: str = "hirescam",
+    target_layer: str | nn.Module | None = None,
+    class_idx: Any = "all",
+    class_names: Sequence[str] | None = None,
+    activation: str = "sigmoid",
+    device: str | torch.device | None = None,
+    amp: bool = False,
+) -> Explanation:
+    """Explain ``model`` on one scan; the maps come back on the scan's own grid and affine.
+
+    Args:
+        model: nn.Module mapping (1, C, *model_spatial) to (1, N) raw class scores.
+        volume: MetaTensor (1, X, Y, Z) with its affine (``medcam3d.load_volume``), or a path.
+        preprocess: what the model expects, as for :func:`build_preprocessing` (None: the volume as is).
+        method: "hirescam" or "gradcam".
+        target_layer: layer name, module, or None for the engine's default.
+        class_idx: "all", None (top class), an int or a list of ints.
+        class_names: one name per MODEL OUTPUT (N of them); the explained ones are picked out.
+        activation: "sigmoid" (multi-label) or "softmax" (over all N outputs) for ``probabilities``.
+        device: where the model runs (the model is moved there); None: where its parameters are.
+        amp: autocast (bf16 where supported, else fp16) on CUDA; ignored on CPU. Maps stay float32.
+
+    Returns:
+        :class:`Explanation`; ``extra`` holds ``model_maps`` (K, *model_spatial) and ``model_affine``
+        (the model grid, for debugging), ``preprocessing`` (step names) and ``seconds``.
+
+    Raises:
+        InputError / ClassIndexError / TargetLayerError: bad volume, names, method, classes, layer.
+        ConfigError: the preprocessing is invalid or fails on this volume.
+        VolumeLoadError: ``volume`` is a path that cannot be read.
+    """
+    t0 = time.perf_counter()
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}.")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    cam = make_cam(method, model, target_layer)
+    vol = as_volume(volume)
+    compose = build_preprocessing(preprocess)
+    x = model_input(vol, compose)
+    t1 = time.perf_counter()
+    dev = _device(model, device)
+    xin = x.as_tensor()[None].to(dev, torch.float32)
+    with _autocast(amp, dev):
+        res = cam(xin, class_idx)
+    t2 = time.perf_counter()
+    idx = res.class_idx[0].cpu()
+    outputs = res.outputs[0].cpu()
+    names = _names(class_names, int(outputs.shape[0]), idx.tolist())
+    probs = torch.sigmoid(outputs) if activation == "sigmoid" else torch.softmax(outputs, dim=0)
+    model_maps = res.maps[0].detach().to("cpu", torch.float32)
+    maps = maps_to_volume(model_maps, x, compose, vol)
+    t3 = time.perf_counter()
+    return Explanation(
+        maps=maps,
+        logits=res.logits[0].detach().cpu().float(),
+        probabilities=probs[idx].float(),
+        class_idx=idx.long(),
+        class_names=names,
+        method=res.method,
+        target_layer=res.target_layer,
+        raw=res.raw[0].detach().cpu().float(),
+        activation=activation,
+        extra={
+            "model_maps": model_maps,
+            "model_affine": torch.as_tensor(x.affine, dtype=torch.float64).clone(),
+            "model_input_shape": tuple(int(s) for s in x.shape),
+            "preprocessing": [type(t).__name__ for t in compose.transforms],
+            "outputs": outputs.float(),
+            "seconds": {"preprocess": t1 - t0, "engine": t2 - t1, "inverse": t3 - t2},
+        },
+    )

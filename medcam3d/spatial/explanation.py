@@ -1,0 +1,47 @@
+"""The result of explaining one scan: maps on the scan's own grid plus what they explain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Explanation:
+    """Maps of one volume, back on the grid of the image the user gave.
+
+    Attributes:
+        maps: MetaTensor (K, *volume_spatial), float32, >= 0, NOT normalised; its ``affine`` and
+            ``meta`` are the source volume's (same shape, same affine).
+        logits: (K,) float32 raw scores of the explained outputs.
+        probabilities: (K,) float32, ``sigmoid`` (multi-label) or ``softmax`` of the model's outputs
+            at those indices, as named by ``activation``.
+        class_idx: (K,) int64, which model output each map explains.
+        class_names: K names (``"class_<i>"`` where none were given).
+        method: ``"hirescam"`` or ``"gradcam"``.
+        target_layer: name of the layer the maps were computed at.
+        raw: (K, *feature_spatial) signed float32 map before ReLU and upsampling (model space).
+        activation: ``"sigmoid"`` or ``"softmax"``.
+        extra: free-form provenance (preprocessing summary, timings...).
+    """
+
+    maps: Any  # monai.data.MetaTensor; typed loosely so importing this module stays cheap
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    class_idx: torch.Tensor
+    class_names: list[str]
+    method: str
+    target_layer: str
+    raw: torch.Tensor
+    activation: str = "sigmoid"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def affine(self) -> torch.Tensor:
+        """4x4 RAS affine of the maps (equal to the source volume's)."""
+        return self.maps.affine
+
+    def __len__(self) -> int:
+        return len(self.class_names)
