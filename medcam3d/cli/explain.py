@@ -1,0 +1,235 @@
+"""``medcam3d explain``: explain a cohort of scans with one config, resumably, on one or many
+processes (torchrun), writing per-class NIfTI maps, PNG montages and a manifest.
+
+Batching: cases are explained one at a time (one forward + one batched backward over all classes
+per case and method). ``--batch-size`` is accepted for forward compatibility but does not stack
+cases yet; loading overlaps compute through DataLoader workers instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medcam3d.cli import distributed as dist
+from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
+from medcam3d.cli.loading import LoadedCase, iter_loaded
+from medcam3d.cli.manifest import PartWriter, merge_parts, part_path
+from medcam3d.cli.resume import case_hash, is_done, remove_previous, write_marker
+from medcam3d.config import RunConfig, load_run_config
+
+
+@dataclass
+class ExplainOptions:
+    """Everything ``medcam3d explain`` takes (the argparse namespace, typed)."""
+
+    config: str | os.PathLike[str] | Mapping[str, Any]
+    inputs: list[str]
+    output: Path
+    overwrite: bool = False
+    quiet: bool = False
+    workers: int = 0
+    device: str | None = None
+    batch_size: int = 1
+    amp: bool = False
+    allow_random_weights: bool = False
+    keep_identifiers: bool = False
+    manifest: str = "csv"
+    extra_sources: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """Counts per status (cases, not rows) and the manifest files written (rank 0)."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    manifests: list[Path] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, Any]:
+    row = {
+        "case_index": case.index,
+        "case_id": case.case_id,
+        "input": str(case.path),
+        "mask": str(case.mask) if case.mask else None,
+        "method": method,
+        "target_layer": None,
+        "status": "ok",
+        "error": None,
+        "seconds": None,
+        "outputs": [],
+        "class_names": None,
+        "logits": None,
+        "probabilities": None,
+    }
+    row.update(values)
+    return row
+
+
+def _failed_rows(case: Case, out_root: Path, cfg: RunConfig, error: str, seconds: float) -> list[dict[str, Any]]:
+    return [
+        _row(case, out_root, m, status="failed", error=error, seconds=round(seconds, 3))
+        for m in cfg.methods
+    ]
+
+
+def _explain_case(
+    loaded: LoadedCase, cfg: RunConfig, out_root: Path, device: str, amp: bool, chash: str
+) -> list[dict[str, Any]]:
+    """Explain one loaded case with every method; on any error remove what it wrote."""
+    from medcam3d.io import save_nifti
+    from medcam3d.report import save_montage
+    from medcam3d.spatial import explain_volume
+
+    case = loaded.case
+    if loaded.error is not None:
+        return _failed_rows(case, out_root, cfg, loaded.error, loaded.seconds)
+    case_dir = out_root / case.case_id
+    written: list[Path] = []
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        case_dir.mkdir(parents=True, exist_ok=True)
+        remove_previous(case_dir)
+        for method in cfg.methods:
+            t0 = time.perf_counter()
+            expl = explain_volume(
+                cfg.model,
+                loaded.volume,
+                preprocess=cfg.preprocess,
+                method=method,
+                target_layer=cfg.target_layer,
+                class_idx=cfg.class_idx,
+                class_names=cfg.class_names,
+                activation=cfg.activation,
+                device=device,
+                amp=amp,
+            )
+            files = save_nifti(
+                expl, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
+                source_paths=[case.path],
+            )
+            written.extend(files)
+            if cfg.output.montage:
+                png = case_dir / f"{case.case_id}_{method}_montage.png"
+                written.append(save_montage(loaded.volume, expl, png, cfg.output.window.limits,
+                                            title=f"{case.case_id} - {method}"))
+                files = [*files, png]
+            rows.append(
+                _row(
+                    case, out_root, method,
+                    target_layer=expl.target_layer,
+                    seconds=round(time.perf_counter() - t0, 3),
+                    outputs=[str(p.relative_to(out_root)) for p in files],
+                    class_names=list(expl.class_names),
+                    logits=[round(float(v), 6) for v in expl.logits.reshape(-1)],
+                    probabilities=[round(float(v), 6) for v in expl.probabilities.reshape(-1)],
+                )
+            )
+        write_marker(
+            case_dir,
+            {
+                "hash": chash,
+                "input": str(case.path),
+                "files": [p.name for p in written],
+                "rows": rows,
+            },
+        )
+        return rows
+    except Exception as exc:  # one bad case must not stop the cohort
+        for p in written:
+            Path(p).unlink(missing_ok=True)
+        try:
+            case_dir.rmdir()  # only if empty
+        except OSError:
+            pass
+        return _failed_rows(case, out_root, cfg, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+
+
+def resolve_device(requested: str | None, cfg: RunConfig, d: dist.Dist) -> str:
+    """CLI --device, else the config's, else cuda if available; one GPU per rank under torchrun."""
+    import torch
+
+    device = requested or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if d.world_size > 1 and device == "cuda":
+        device = f"cuda:{d.local_rank}"
+    return device
+
+
+def run_explain(opts: ExplainOptions) -> Summary:
+    """Run the whole ``explain`` command (see module docstring); returns the summary.
+
+    Raises:
+        ConfigError / InputError: before any case ran (the CLI maps these to exit code 2).
+    """
+    from tqdm import tqdm
+
+    cfg = load_run_config(opts.config, allow_random_weights=opts.allow_random_weights)
+    cases = collect_cases(opts.inputs, keep_identifiers=opts.keep_identifiers)
+    out_root = Path(os.path.abspath(opts.output))
+    check_output_dir(out_root, cases, [*opts.inputs, *opts.extra_sources])
+
+    backend_hint = opts.device or cfg.device or "cpu"
+    d = dist.setup(backend_hint)
+    try:
+        device = resolve_device(opts.device, cfg, d)
+        cfg.model.to(device)
+        amp = opts.amp or cfg.amp
+        out_root.mkdir(parents=True, exist_ok=True)
+        fingerprint = cfg.fingerprint()
+        mine = dist.split(cases, d)
+        writer = PartWriter(part_path(out_root, d.rank))
+        summary = Summary()
+        todo: list[Case] = []
+        hashes: dict[int, str] = {}
+        for case in mine:
+            hashes[case.index] = case_hash(fingerprint, cfg.methods, case.path)
+            marker = None if opts.overwrite else is_done(out_root / case.case_id, hashes[case.index])
+            if marker is None:
+                todo.append(case)
+                continue
+            summary.skipped += 1
+            for row in marker.get("rows", []):
+                row = {**row, "status": "skipped", "case_index": case.index, "case_id": case.case_id}
+                writer.write(row)
+        if opts.batch_size > 1 and d.is_main and not opts.quiet:
+            print("medcam3d: note: cases are explained one at a time; --batch-size > 1 does not "
+                  "stack cases yet.", file=sys.stderr)
+        bar = tqdm(total=len(todo), disable=opts.quiet or not d.is_main, unit="case",
+                   desc="medcam3d explain", file=sys.stderr)
+        for loaded in iter_loaded(todo, opts.workers):
+            rows = _explain_case(loaded, cfg, out_root, device, amp, hashes[loaded.case.index])
+            for row in rows:
+                writer.write(row)
+            if any(r["status"] == "failed" for r in rows):
+                summary.failed += 1
+                if not opts.quiet:
+                    bar.write(f"medcam3d: case {loaded.case.case_id} failed: {rows[0]['error']}",
+                              file=sys.stderr)
+            else:
+                summary.done += 1
+            bar.update(1)
+        bar.close()
+        writer.close()
+        dist.barrier(d)
+        if d.is_main:
+            rows, summary.manifests = merge_parts(out_root, d.world_size, opts.manifest)
+            summary.rows = rows
+            by_case: dict[int, set[str]] = {}
+            for r in rows:
+                by_case.setdefault(r["case_index"], set()).add(r["status"])
+            summary.failed = sum("failed" in s for s in by_case.values())
+            summary.skipped = sum(s == {"skipped"} for s in by_case.values())
+            summary.done = len(by_case) - summary.failed - summary.skipped
+        dist.barrier(d)
+        return summary
+    finally:
+        dist.teardown(d)

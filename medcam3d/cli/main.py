@@ -1,0 +1,184 @@
+"""The ``medcam3d`` command: ``explain`` a cohort, ``view`` a scan with maps, run the ``demo``.
+
+Exit codes: 0 every case ok (or skipped), 1 at least one case failed, 2 usage or config error
+(printed as one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medcam3d.errors import Medcam3dError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="medcam3d",
+        description="Faithful HiResCAM / Grad-CAM maps for 3D CT classifiers, on the scan's own grid.",
+    )
+    from medcam3d import __version__
+
+    parser.add_argument("--version", action="version", version=f"medcam3d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{explain,view,demo}")
+    sub.required = True
+
+    ex = sub.add_parser(
+        "explain",
+        help="explain scans with a config; writes NIfTI maps, PNG montages and a manifest",
+        description="Explain NIfTI files, DICOM series folders, a folder of them, or a CSV with a "
+        "'path' column (optional case_id, mask). Outputs go to OUTPUT/<case_id>/. Finished cases "
+        "are skipped on a rerun unless the config or input changed (or --overwrite). Runs under "
+        "torchrun (torchrun --nproc_per_node N -m medcam3d explain ...).",
+    )
+    ex.add_argument("--config", required=True, help="YAML run config (see sample_configs/template.yaml)")
+    ex.add_argument("--input", required=True, nargs="+", metavar="PATH", dest="inputs",
+                    help="NIfTI file(s), DICOM folder(s), a folder of them, or a CSV")
+    ex.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
+    ex.add_argument("--overwrite", action="store_true", help="redo cases that are already finished")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar or per-case messages")
+    ex.add_argument("--workers", type=_positive_int, default=0, metavar="N",
+                    help="processes that load scans ahead of the model (default 0: load in-line)")
+    ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: config, else auto)")
+    ex.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                    help="accepted for forward compatibility; cases are explained one at a time")
+    ex.add_argument("--amp", action="store_true", help="autocast (bf16/fp16) on CUDA; maps stay float32")
+    ex.add_argument("--allow-random-weights", action="store_true",
+                    help="run a config without a checkpoint (untrained model; testing only)")
+    ex.add_argument("--keep-identifiers", action="store_true",
+                    help="name DICOM cases by PatientID instead of the folder name")
+    ex.add_argument("--manifest", choices=("csv", "jsonl", "both"), default="csv",
+                    help="manifest format (default csv)")
+
+    vw = sub.add_parser("view", help="open a scan and saved maps in napari",
+                        description="Open SCAN (NIfTI or DICOM folder) and MAP NIfTI files in napari.")
+    vw.add_argument("scan", help="the scan: NIfTI file or DICOM series folder")
+    vw.add_argument("maps", nargs="*", metavar="MAP", help="map NIfTI files written by explain")
+    vw.add_argument("--window", default="lung", help="CT window name (lung, mediastinum, ...) or LEVEL,WIDTH")
+
+    dm = sub.add_parser("demo", help="explain a bundled demo scan with the bundled demo model")
+    dm.add_argument("--output", type=Path, default=Path("medcam3d-demo-output"), metavar="DIR",
+                    help="output folder (default ./medcam3d-demo-output)")
+    dm.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """A window name or ``LEVEL,WIDTH`` -> (level, width) in HU."""
+    from medcam3d.config import WINDOWS, Window
+    from medcam3d.errors import ConfigError
+
+    if text in WINDOWS:
+        return (WINDOWS[text].level, WINDOWS[text].width)
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--window: expected one of {', '.join(WINDOWS)} or LEVEL,WIDTH, got {text!r}"
+        ) from None
+    if width <= 0:
+        raise ConfigError(f"--window: width must be > 0, got {width:g}")
+    return (Window("custom", level, width).level, width)
+
+
+def _summary_line(summary, out: Path) -> str:
+    manifests = ", ".join(str(p) for p in summary.manifests)
+    return (f"medcam3d: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; "
+            f"outputs in {out}" + (f"; manifest: {manifests}" if manifests else ""))
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from medcam3d.cli.explain import ExplainOptions, run_explain
+
+    opts = ExplainOptions(
+        config=args.config, inputs=args.inputs, output=args.output, overwrite=args.overwrite,
+        quiet=args.quiet, workers=args.workers, device=args.device, batch_size=args.batch_size,
+        amp=args.amp, allow_random_weights=args.allow_random_weights,
+        keep_identifiers=args.keep_identifiers, manifest=args.manifest,
+    )
+    summary = run_explain(opts)
+    from medcam3d.cli.distributed import env_world
+
+    world = env_world()
+    if world is None or world[0] == 0:
+        print(_summary_line(summary, args.output.resolve()))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from medcam3d.cli.view import run_view
+
+    run_view(args.scan, args.maps, parse_window(args.window))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medcam3d.cli.demo import demo_assets, mask_centre_mm, peak_world_mm
+    from medcam3d.cli.explain import ExplainOptions, run_explain
+
+    out = args.output.resolve()
+    assets = demo_assets(out / "demo_input")
+    if assets.banner:
+        print(assets.banner)
+    summary = run_explain(ExplainOptions(config=assets.config, inputs=[str(s) for s in assets.scans],
+                                         output=out, quiet=args.quiet, overwrite=True))
+    print(_summary_line(summary, out))
+    for row in summary.rows:
+        if row["status"] != "ok":
+            continue
+        files = ", ".join(row["outputs"])
+        probs = ", ".join(f"{n}={p:.3f}" for n, p in zip(row["class_names"], row["probabilities"]))
+        print(f"  {row['method']}: {probs}; files: {files}")
+        if assets.nodule_mask is not None:
+            nii = out / row["outputs"][0]
+            peak = peak_world_mm(nii)
+            centre = mask_centre_mm(assets.nodule_mask)
+            dist = sum((a - b) ** 2 for a, b in zip(peak, centre)) ** 0.5
+            print(f"    map peak at ({peak[0]:.1f}, {peak[1]:.1f}, {peak[2]:.1f}) mm RAS; planted "
+                  f"nodule centre ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm; "
+                  f"{dist:.1f} mm apart")
+    print(f"Open them with: medcam3d view {assets.scans[0]} {out}/<case>/<map>.nii.gz")
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medcam3d`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2, message printed)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    handlers = {"explain": _cmd_explain, "view": _cmd_view, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except Medcam3dError as exc:
+        print(f"medcam3d {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medcam3d: interrupted", file=sys.stderr)
+        return 130

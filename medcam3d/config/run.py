@@ -1,0 +1,477 @@
+"""Load and validate a run configuration (YAML file or dict) into a :class:`RunConfig`.
+
+Everything is checked before any case runs: keys (unknown ones with close matches), types, the
+model (built, checkpoint loaded), the target layer (must exist in the built model) and the
+preprocessing (built with :func:`medcam3d.spatial.build_preprocessing`). Every problem is a
+:class:`~medcam3d.errors.ConfigError` whose message starts with the key path.
+
+YAML layout (see ``sample_configs/template.yaml`` for every key explained)::
+
+    model:
+      name: DenseNet121            # a class in monai.networks.nets, OR
+      # _target_: mypkg.nets.Net   # an importable class/factory of your own
+      kwargs: {spatial_dims: 3, in_channels: 1, out_channels: 3}
+      checkpoint: weights.pt       # relative to this file's folder; null = none
+    preprocess: {...}              # passed to medcam3d.spatial.build_preprocessing
+    methods: [hirescam, gradcam]   # or one string
+    target_layer: null             # module name; null = the default for the network
+    class_names: [nodule, effusion, consolidation]
+    activation: sigmoid            # or softmax
+    class_idx: all                 # or an index / list of indices or class names
+    output: {four_d: false, montage: true, window: lung}   # window: name | [level, width]
+    device: null                   # null = cuda if available else cpu; or cpu / cuda / cuda:1
+    amp: false
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medcam3d.config.models import build_model
+from medcam3d.config.schema import Errors, check_keys, close_matches, describe, join
+from medcam3d.config.windows import WINDOWS, Window
+from medcam3d.errors import ConfigError, Medcam3dError
+
+METHODS = ("hirescam", "gradcam")
+ACTIVATIONS = ("sigmoid", "softmax")
+TOP_KEYS = (
+    "model",
+    "preprocess",
+    "methods",
+    "target_layer",
+    "class_names",
+    "activation",
+    "class_idx",
+    "output",
+    "device",
+    "amp",
+)
+MODEL_KEYS = ("name", "_target_", "kwargs", "checkpoint")
+OUTPUT_KEYS = ("four_d", "montage", "window")
+
+
+@dataclass
+class OutputOptions:
+    """What to write per case besides the per-class NIfTI maps."""
+
+    four_d: bool = False  # also one 4D NIfTI with every class
+    montage: bool = True  # PNG montage (axial/coronal/sagittal through each map's peak)
+    window: Window = field(default_factory=lambda: WINDOWS["lung"])  # CT window of the montage
+
+
+@dataclass
+class RunConfig:
+    """A validated run configuration, ready to explain scans.
+
+    Attributes:
+        model: the network, in eval mode, on CPU, weights loaded (move it to ``device`` yourself).
+        preprocess: the MONAI Compose built from ``preprocess`` (invertible; see medcam3d.spatial).
+        methods: ``"hirescam"`` and/or ``"gradcam"``, in the order given, no duplicates.
+        target_layer: module name, or None for the network's default layer.
+        class_names: one name per model output, or None.
+        activation: ``"sigmoid"`` (multi-label) or ``"softmax"``.
+        class_idx: ``"all"`` or a list of output indices (class names already turned into indices).
+        output: :class:`OutputOptions`.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or None (cuda if available, else cpu).
+        amp: run the model under autocast.
+        source: the YAML file the config came from (None for a dict).
+        checkpoint: resolved weights path (None when running with random weights).
+        model_label: the ``name`` or ``_target_`` of the model.
+        random_weights: True when no checkpoint was loaded.
+        spec: the normalised config as plain data (what :meth:`fingerprint` hashes).
+        checkpoint_sha256: SHA-256 of the checkpoint file as it was when loaded.
+    """
+
+    model: nn.Module
+    preprocess: Any
+    methods: list[str]
+    target_layer: str | None
+    class_names: list[str] | None
+    activation: str
+    class_idx: str | list[int]
+    output: OutputOptions
+    device: str | None
+    amp: bool
+    source: Path | None
+    checkpoint: Path | None
+    model_label: str
+    random_weights: bool
+    spec: dict[str, Any]
+    checkpoint_sha256: str | None = None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that changes the outputs: the normalised config (minus device)
+        and the checkpoint's bytes. Used to decide whether a finished case can be skipped."""
+        h = hashlib.sha256()
+        spec = {k: v for k, v in self.spec.items() if k != "device"}
+        h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+        h.update((self.checkpoint_sha256 or "random-weights").encode())
+        return h.hexdigest()
+
+    def resolved_device(self) -> str:
+        """``device``, with None turned into ``"cuda"`` when available, else ``"cpu"``."""
+        if self.device is not None:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a YAML config file into a dict (ConfigError for a missing/empty/invalid file)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {str(p)!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {str(p)!r}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {str(p)!r} is not valid YAML{where}: {problem}") from exc
+    if data is None:
+        raise ConfigError(f"config: {str(p)!r} is empty; it needs at least a 'model' section")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config: {str(p)!r} must be a mapping of keys (model:, preprocess:, ...), "
+            f"got {describe(data)}"
+        )
+    return data
+
+
+def _device_ok(value: str) -> bool:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _parse_window(errors: Errors, value: Any) -> Window | None:
+    path = "output.window"
+    if isinstance(value, str):
+        if value in WINDOWS:
+            return WINDOWS[value]
+        errors.add(path, f"unknown window {value!r}{close_matches(value, WINDOWS)}; use one of "
+                   f"{', '.join(WINDOWS)} or [level, width]")
+        return None
+    if isinstance(value, Mapping):
+        check_keys(errors, path, value, ("level", "width"))
+        value = [value.get("level"), value.get("width")]
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        if value[1] <= 0:
+            errors.add(path, f"width must be > 0, got {value[1]!r}")
+            return None
+        return Window("custom", float(value[0]), float(value[1]))
+    errors.add(path, f"expected a window name ({', '.join(WINDOWS)}) or [level, width] in HU, "
+               f"got {describe(value)}")
+    return None
+
+
+def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
+    """Check keys and types of everything that does not need the model; return normalised data."""
+    check_keys(errors, "", data, TOP_KEYS)
+    out: dict[str, Any] = {}
+
+    # model
+    model = data.get("model")
+    if model is None:
+        errors.add("model", "missing; give model.name (a MONAI network) or model._target_")
+    elif not isinstance(model, Mapping):
+        errors.add("model", f"expected a mapping with name/_target_, kwargs, checkpoint, got {describe(model)}")
+    else:
+        check_keys(errors, "model", model, MODEL_KEYS)
+        has_name, has_target = "name" in model, "_target_" in model
+        if has_name == has_target:
+            errors.add("model", "give exactly one of model.name (a class in monai.networks.nets) "
+                       "or model._target_ (package.module.Class)")
+        key = "name" if has_name else "_target_"
+        label = model.get(key)
+        if (has_name or has_target) and not (isinstance(label, str) and label.strip()):
+            errors.add(join("model", key), f"expected a string, got {describe(label)}")
+        kwargs = model.get("kwargs", {})
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, Mapping):
+            errors.add("model.kwargs", f"expected a mapping of constructor arguments, got {describe(kwargs)}")
+            kwargs = {}
+        ckpt = model.get("checkpoint")
+        if ckpt is not None and not isinstance(ckpt, str):
+            errors.add("model.checkpoint", f"expected a file path or null, got {describe(ckpt)}")
+            ckpt = None
+        out["model"] = {key: label, "kwargs": copy.deepcopy(dict(kwargs)), "checkpoint": ckpt}
+
+    out["preprocess"] = copy.deepcopy(data.get("preprocess"))
+
+    # methods
+    methods = data.get("methods", ["hirescam"])
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, list) or not methods:
+        errors.add("methods", f"expected 'hirescam', 'gradcam' or a list of them, got {describe(methods)}")
+        methods = []
+    clean: list[str] = []
+    for i, m in enumerate(methods):
+        name = m.lower() if isinstance(m, str) else m
+        if name not in METHODS:
+            hint = close_matches(m, METHODS) if isinstance(m, str) else ""
+            errors.add(join("methods", i), f"expected one of {', '.join(METHODS)}, got {describe(m)}{hint}")
+        elif name not in clean:
+            clean.append(name)
+    out["methods"] = clean
+
+    # target layer
+    tl = data.get("target_layer")
+    if tl is not None and not (isinstance(tl, str) and tl.strip()):
+        errors.add("target_layer", f"expected a module name (string) or null, got {describe(tl)}")
+        tl = None
+    out["target_layer"] = tl
+
+    # class names
+    names = data.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not names:
+            errors.add("class_names", f"expected a list of names, got {describe(names)}")
+            names = None
+        else:
+            for i, n in enumerate(names):
+                if not isinstance(n, str) or not n.strip():
+                    errors.add(join("class_names", i), f"expected a non-empty string, got {describe(n)}")
+            dupes = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+            if dupes:
+                errors.add("class_names", f"duplicate names {dupes}")
+    out["class_names"] = names
+
+    # activation
+    act = data.get("activation", "sigmoid")
+    if act not in ACTIVATIONS:
+        hint = close_matches(act, ACTIVATIONS) if isinstance(act, str) else ""
+        errors.add("activation", f"expected 'sigmoid' (multi-label) or 'softmax', got {describe(act)}{hint}")
+    out["activation"] = act
+
+    # class_idx
+    idx = data.get("class_idx", "all")
+    if idx is None:
+        idx = "all"
+    if isinstance(idx, int | str) and not isinstance(idx, bool) and idx != "all":
+        idx = [idx]
+    if idx != "all":
+        if not isinstance(idx, list) or not idx:
+            errors.add("class_idx", f"expected 'all', an index or a list of indices/class names, got {describe(idx)}")
+            idx = "all"
+        else:
+            resolved: list[int] = []
+            for i, v in enumerate(idx):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    if v < 0:
+                        errors.add(join("class_idx", i), f"expected an index >= 0, got {v}")
+                    resolved.append(v)
+                elif isinstance(v, str) and isinstance(names, list) and v in names:
+                    resolved.append(names.index(v))
+                elif isinstance(v, str):
+                    hint = close_matches(v, names) if isinstance(names, list) else " (no class_names given)"
+                    errors.add(join("class_idx", i), f"{v!r} is not a class name{hint}")
+                else:
+                    errors.add(join("class_idx", i), f"expected an integer or a class name, got {describe(v)}")
+            idx = resolved
+    out["class_idx"] = idx
+    if isinstance(names, list) and isinstance(idx, list):
+        for i, v in enumerate(idx):
+            if v >= len(names):
+                errors.add(join("class_idx", i), f"index {v} is out of range for {len(names)} class_names")
+
+    # output
+    output = data.get("output", {}) or {}
+    opts = {"four_d": False, "montage": True, "window": "lung"}
+    if not isinstance(output, Mapping):
+        errors.add("output", f"expected a mapping (four_d, montage, window), got {describe(output)}")
+    else:
+        check_keys(errors, "output", output, OUTPUT_KEYS)
+        for key in ("four_d", "montage"):
+            if key in output:
+                if not isinstance(output[key], bool):
+                    errors.add(join("output", key), f"expected true or false, got {describe(output[key])}")
+                else:
+                    opts[key] = output[key]
+        if "window" in output:
+            opts["window"] = copy.deepcopy(output["window"])
+    window = _parse_window(errors, opts["window"])
+    out["output"] = opts
+
+    # device, amp
+    dev = data.get("device")
+    if dev is not None and not (isinstance(dev, str) and _device_ok(dev)):
+        errors.add("device", f"expected cpu, cuda, cuda:N or null (auto), got {describe(dev)}")
+        dev = None
+    out["device"] = dev
+    amp = data.get("amp", False)
+    if not isinstance(amp, bool):
+        errors.add("amp", f"expected true or false, got {describe(amp)}")
+        amp = False
+    out["amp"] = amp
+    out["_window"] = window
+    return out
+
+
+def _check_output_count(spec: dict[str, Any], where: str) -> None:
+    """When model.kwargs names the number of outputs (out_channels / num_classes, as MONAI's
+    classifiers do), class_names and class_idx must agree with it."""
+    kwargs = spec["model"]["kwargs"]
+    n = next(
+        (kwargs[k] for k in ("out_channels", "num_classes") if isinstance(kwargs.get(k), int)), None
+    )
+    if n is None:
+        return
+    suffix = f" (in {where})" if where else ""
+    names = spec["class_names"]
+    if names is not None and len(names) != n:
+        raise ConfigError(
+            f"class_names: {len(names)} name(s) given but the model has {n} outputs "
+            f"(model.kwargs); give one name per output{suffix}"
+        )
+    idx = spec["class_idx"]
+    if isinstance(idx, list):
+        for i, v in enumerate(idx):
+            if v >= n:
+                raise ConfigError(f"class_idx[{i}]: index {v} is out of range for {n} model outputs{suffix}")
+
+
+def build_preprocess(spec: Any, where: str = "") -> Any:
+    """Build the preprocessing Compose with medcam3d.spatial.build_preprocessing; its ConfigErrors
+    get a ``preprocess`` key-path prefix when they lack one."""
+    from medcam3d.spatial import build_preprocessing
+
+    try:
+        return build_preprocessing(spec, key="preprocess")
+    except ConfigError as exc:
+        msg = str(exc)
+        if not msg.startswith("preprocess"):
+            msg = f"preprocess: {msg}"
+        raise ConfigError(f"{msg} (in {where})" if where else msg) from exc
+
+
+def load_run_config(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    allow_random_weights: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> RunConfig:
+    """Validate a config (YAML path or dict) completely and build what it describes.
+
+    Args:
+        source: path to a YAML file, or an already-parsed dict (same layout).
+        allow_random_weights: accept a config without ``model.checkpoint`` (warns loudly).
+        base_dir: folder that relative paths (checkpoint, a ``_target_`` module file) are resolved
+            against; default: the YAML file's folder, or the current folder for a dict.
+
+    Returns:
+        A :class:`RunConfig` with the model built (eval, CPU, weights loaded), the target layer
+        checked against it, and the preprocessing built.
+
+    Raises:
+        ConfigError: anything invalid; the message starts with the key path, e.g.
+            ``"model.kwargs.spatial_dims: expected an integer, got 'three'"``.
+    """
+    from medcam3d.engine import resolve_target
+
+    if isinstance(source, Mapping):
+        data, path, where = dict(source), None, ""
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser().resolve()
+        data, where = read_config_file(path), str(path)
+    else:
+        raise ConfigError(f"config: expected a YAML file path or a dict, got {describe(source)}")
+    if base_dir is None:
+        base_dir = path.parent if path is not None else Path.cwd()
+    base_dir = Path(base_dir)
+
+    errors = Errors(where)
+    spec = _validate(data, errors)
+    errors.raise_if_any()
+    window = spec.pop("_window")
+
+    def fail(exc: Medcam3dError) -> ConfigError:
+        msg = str(exc)
+        return ConfigError(f"{msg} (in {where})" if where else msg)
+
+    model_spec = spec["model"]
+    label = model_spec.get("name") or model_spec.get("_target_")
+    ckpt = model_spec["checkpoint"]
+    ckpt_path = None
+    if ckpt is not None:
+        ckpt_path = Path(ckpt).expanduser()
+        if not ckpt_path.is_absolute():
+            ckpt_path = (base_dir / ckpt_path).resolve()
+    try:
+        model = build_model(
+            label, model_spec["kwargs"], ckpt_path, allow_random_weights, base_dir=base_dir
+        )
+    except ConfigError as exc:
+        raise fail(exc) from exc
+
+    _check_output_count(spec, where)
+
+    target = spec["target_layer"]
+    if target is not None:
+        try:
+            resolve_target(model, target)
+        except Medcam3dError as exc:
+            msg = str(exc)
+            if " Close matches" not in msg:
+                names = [n for n, _ in model.named_modules() if n]
+                hint = close_matches(target.removesuffix(":input"), names)
+                msg = msg.replace(". Use a name", f"{hint}. Use a name", 1) if hint else msg
+            msg = msg if msg.startswith("target_layer:") else f"target_layer: {msg}"
+            raise ConfigError(msg + (f" (in {where})" if where else "")) from exc
+
+    preprocess = build_preprocess(spec["preprocess"], where)
+
+    return RunConfig(
+        model=model,
+        preprocess=preprocess,
+        methods=list(spec["methods"]),
+        target_layer=target,
+        class_names=list(spec["class_names"]) if spec["class_names"] else None,
+        activation=spec["activation"],
+        class_idx=spec["class_idx"],
+        output=OutputOptions(
+            four_d=spec["output"]["four_d"], montage=spec["output"]["montage"], window=window
+        ),
+        device=spec["device"],
+        amp=spec["amp"],
+        source=path,
+        checkpoint=ckpt_path,
+        model_label=label,
+        random_weights=ckpt_path is None,
+        spec=spec,
+        checkpoint_sha256=_sha256(ckpt_path) if ckpt_path is not None else None,
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

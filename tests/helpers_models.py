@@ -1,0 +1,98 @@
+"""Tiny models and builders for the CLI/config tests.
+
+Models are referenced from configs as ``_target_: helpers_models.X``; the builders write small
+NIfTI scans with known geometry, checkpoints and YAML configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """(B, C, X, Y, Z) -> (B, out_channels): conv -> ReLU -> global average pool -> linear."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def tiny_factory(out_channels: int = 2) -> TinyNet:
+    """A factory function (not a class), as some users write them."""
+    return TinyNet(out_channels=out_channels)
+
+
+def not_a_model() -> str:
+    return "nope"
+
+PREPROCESS = [
+    {"name": "ScaleIntensityRange", "a_min": -1000, "a_max": 400, "b_min": 0.0, "b_max": 1.0, "clip": True},
+    {"name": "Resize", "spatial_size": [12, 12, 12]},
+]
+# anisotropic, non-RAS (x flipped), non-zero origin: outputs must carry exactly this affine
+AFFINE = np.array(
+    [[-2.0, 0.0, 0.0, 40.0], [0.0, 1.5, 0.0, -30.0], [0.0, 0.0, 3.0, -100.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def write_scan(path: Path, shape: tuple[int, int, int] = (20, 18, 10), seed: int = 0) -> Path:
+    """A small int16 HU volume with a bright sphere; returns the path."""
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(-800, 30, size=shape)
+    idx = np.indices(shape)
+    centre = np.array(shape) // 2 + seed % 3
+    vol[((idx - centre[:, None, None, None]) ** 2).sum(0) <= 9] = 40
+    img = nib.Nifti1Image(vol.astype(np.int16), AFFINE)
+    img.set_qform(AFFINE, code=1)
+    img.set_sform(AFFINE, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def write_checkpoint(path: Path, out_channels: int = 2, wrap: str | None = None) -> Path:
+    torch.manual_seed(1)
+    state = TinyNet(out_channels=out_channels).state_dict()
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    obj: Any = {wrap: state, "epoch": 3} if wrap in ("state_dict", "model") else state
+    torch.save(obj, path)
+    return path
+
+
+def config_dict(checkpoint: str | None = "tiny.pt", **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "model": {"_target_": "helpers_models.TinyNet", "kwargs": {"in_channels": 1, "out_channels": 2},
+                  "checkpoint": checkpoint},
+        "preprocess": PREPROCESS,
+        "methods": ["hirescam"],
+        "target_layer": "features",
+        "class_names": ["nodule", "effusion"],
+        "activation": "sigmoid",
+        "output": {"montage": False},
+        "device": "cpu",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_config(folder: Path, name: str = "run.yaml", **overrides: Any) -> Path:
+    """YAML config + its checkpoint (tiny.pt, relative to the config) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tiny.pt").exists():
+        write_checkpoint(folder / "tiny.pt")
+    path = folder / name
+    path.write_text(yaml.safe_dump(config_dict(**overrides), sort_keys=False))
+    return path
