@@ -105,13 +105,16 @@ def maps_to_volume(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any, *, 
             meta={k: v for k, v in x.meta.items() if k != "affine"},
             applied_operations=_map_record(x, rank),
         )
-        try:
-            back = preprocess.inverse(part)
-        except Exception as e:
-            raise InputError(
-                f"could not invert the preprocessing ({type(e).__name__}: {e}); pass the same Compose "
-                "object that produced the model input."
-            ) from e
+        if not part.applied_operations:
+            back = part  # nothing geometric was recorded (e.g. only an intensity window)
+        else:
+            try:
+                back = preprocess.inverse(part)
+            except Exception as e:
+                raise InputError(
+                    f"could not invert the preprocessing ({type(e).__name__}: {e}); pass the same "
+                    "Compose object that produced the model input."
+                ) from e
         back_affine = torch.as_tensor(back.affine, dtype=torch.float64)
         exact = tuple(back.shape[1:]) == target_shape and torch.allclose(
             back_affine, target_affine, rtol=0, atol=AFFINE_ATOL_MM
