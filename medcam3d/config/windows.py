@@ -24,9 +24,9 @@ WINDOWS: dict[str, Window] = {
     w.name: w
     for w in (
         Window("lung", -600.0, 1500.0),
-        Window("mediastinum", 40.0, 400.0),
+        Window("mediastinum", 40.0, 350.0),
         Window("soft_tissue", 40.0, 400.0),
-        Window("abdomen", 50.0, 400.0),
+        Window("abdomen", 40.0, 400.0),
         Window("liver", 60.0, 160.0),
         Window("bone", 400.0, 1800.0),
         Window("brain", 40.0, 80.0),

@@ -1,0 +1,27 @@
+"""npe2 sample data: a small deterministic synthetic chest CT with its abnormality masks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medcam3d.viewer.layers import LayerData, ct_layer_data, mask_layer_data
+
+SAMPLE_SEED = 7
+
+
+def synthetic_chest_ct() -> list[LayerData]:
+    """The CT (HU, 64x64x48 voxels of 5x5x6 mm, RAS) and one labels layer per abnormality present."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medcam3d.synthetic import CLASS_NAMES, make_chest_ct
+
+    case = make_chest_ct(SAMPLE_SEED, present={name: True for name in CLASS_NAMES})
+    volume = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(case.volume))[None],
+        affine=torch.as_tensor(case.affine, dtype=torch.float64),
+        meta={"space": "RAS"},
+    )
+    out = [ct_layer_data(volume, name="synthetic chest CT")]
+    out += [mask_layer_data(case.masks[c], c, volume) for c in CLASS_NAMES if case.labels[c]]
+    return out
