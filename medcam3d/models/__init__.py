@@ -1,0 +1,43 @@
+"""medcam3d.models: the bundled demo classifiers (trained on synthetic chest CT) and their helpers.
+
+    from medcam3d.models import load_demo_model, demo_preprocess, CLASS_NAMES
+    model = load_demo_model("gap")        # MONAI DenseNet, GAP head
+    flat = load_demo_model("flatten")     # MONAI Classifier, flatten + linear head
+"""
+
+from medcam3d.models.auroc import auroc, per_class_auroc
+from medcam3d.models.demo import (
+    CLASS_NAMES,
+    FLATTEN_KWARGS,
+    GAP_EARLY_LAYER,
+    GAP_KWARGS,
+    HU_WINDOW,
+    INPUT_SHAPE,
+    KINDS,
+    SPACING,
+    TARGET_LAYERS,
+    build_demo_model,
+    demo_preprocess,
+    demo_run_config,
+    load_demo_model,
+    weights_path,
+)
+
+__all__ = [
+    "CLASS_NAMES",
+    "FLATTEN_KWARGS",
+    "GAP_EARLY_LAYER",
+    "GAP_KWARGS",
+    "HU_WINDOW",
+    "INPUT_SHAPE",
+    "KINDS",
+    "SPACING",
+    "TARGET_LAYERS",
+    "auroc",
+    "build_demo_model",
+    "demo_preprocess",
+    "demo_run_config",
+    "load_demo_model",
+    "per_class_auroc",
+    "weights_path",
+]
