@@ -69,7 +69,7 @@ def test_demo_map_lands_on_planted_nodule(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "SYNTHETIC EXAMPLE (no trained demo model bundled yet)" in text
+    assert "SYNTHETIC EXAMPLE (fixed-weight bright-blob detector" in text
     maps = sorted(out.glob("*/*_hirescam_nodule.nii.gz"))
     assert len(maps) == 1 and (maps[0].parent / f"{maps[0].parent.name}_hirescam_montage.png").exists()
     img = nib.load(str(maps[0]))
@@ -90,3 +90,20 @@ def test_demo_assets_is_the_single_swap_point(tmp_path):
     assets = demo_assets(tmp_path)
     assert assets.scans[0].exists() and assets.config["model"]["checkpoint"]
     assert cli_main is not None
+
+
+def test_demo_trained_runs_the_shipped_model_on_the_bundled_scan(tmp_path, capsys):
+    from medcam3d.data import demo_scan_paths
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--trained", "--output", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "TRAINED DEMO MODEL" in text and "docs/results.md" in text
+    maps = sorted(out.glob("*/*_hirescam_*.nii.gz"))
+    assert {m.name.split("_hirescam_")[1] for m in maps} == {
+        "nodule.nii.gz", "effusion.nii.gz", "consolidation.nii.gz"}
+    scan = nib.load(str(demo_scan_paths()["ct"]))
+    for m in maps:
+        img = nib.load(str(m))
+        assert img.shape == scan.shape
+        assert np.allclose(img.affine, scan.affine, atol=1e-4)

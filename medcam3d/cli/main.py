@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="explain a bundled demo scan with the bundled demo model")
     dm.add_argument("--output", type=Path, default=Path("medcam3d-demo-output"), metavar="DIR",
                     help="output folder (default ./medcam3d-demo-output)")
+    dm.add_argument("--trained", action="store_true",
+                    help="use the trained demo model on the bundled demo scan instead of the "
+                         "synthetic bright-blob detector")
     dm.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -142,7 +145,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from medcam3d.cli.explain import ExplainOptions, run_explain
 
     out = args.output.resolve()
-    assets = demo_assets(out / "demo_input")
+    assets = demo_assets(out / "demo_input", trained=args.trained)
     if assets.banner:
         print(assets.banner)
     summary = run_explain(ExplainOptions(config=assets.config, inputs=[str(s) for s in assets.scans],
