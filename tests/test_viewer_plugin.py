@@ -47,3 +47,19 @@ def test_sample_data_and_widgets_load_through_napari(make_napari_viewer):
     assert list(ct.contrast_limits) == [-500.0, 1300.0]
     window.window.value = "auto"
     assert list(ct.contrast_limits) == [-1350.0, 150.0]
+
+
+def test_bundled_demo_scan_sample_matches_the_shipped_files(make_napari_viewer):
+    import nibabel as nib
+
+    from medcam3d.data import demo_scan_paths
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("medcam3d", "demo_chest_ct")
+    paths = demo_scan_paths()
+    ct = viewer.layers["demo chest CT"]
+    src = nib.load(str(paths["ct"]))
+    assert np.allclose(ct.affine.affine_matrix, src.affine, atol=1e-4)
+    assert np.allclose(np.asarray(ct.data), np.asarray(src.dataobj, dtype=np.float32))
+    nodule = viewer.layers["nodule (mask)"]
+    assert np.array_equal(np.asarray(nodule.data) > 0, np.asarray(nib.load(str(paths["nodule"])).dataobj) > 0)

@@ -25,3 +25,20 @@ def synthetic_chest_ct() -> list[LayerData]:
     out = [ct_layer_data(volume, name="synthetic chest CT")]
     out += [mask_layer_data(case.masks[c], c, volume) for c in CLASS_NAMES if case.labels[c]]
     return out
+
+
+def demo_chest_ct() -> list[LayerData]:
+    """The bundled demo scan (medcam3d.data, the scan ``medcam3d demo --trained`` explains) and its
+    planted-lesion masks as labels layers, loaded from the shipped NIfTI files."""
+    from medcam3d.data import demo_scan_paths
+    from medcam3d.io import load_volume
+    from medcam3d.synthetic import CLASS_NAMES
+
+    paths = demo_scan_paths()
+    volume = load_volume(paths["ct"])
+    out = [ct_layer_data(volume, name="demo chest CT")]
+    for name in CLASS_NAMES:
+        mask = load_volume(paths[name]).numpy()[0] > 0.5
+        if mask.any():
+            out.append(mask_layer_data(mask.astype(np.uint8), name, volume))
+    return out
