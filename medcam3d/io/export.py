@@ -274,6 +274,32 @@ def save_volume_nifti(
     return _write_all([(img, target)], overwrite)[0]
 
 
+def class_records(expl: Any, names: list[str]) -> list[dict[str, Any]]:
+    """Per explained class: ``{"name", "index", "logit", "probability"}`` read from an Explanation.
+
+    Shared by the NIfTI export (JSON extension) and the napari heat layers (layer metadata), so both
+    describe a map the same way. Missing or short score vectors give None, not an error.
+    """
+
+    def scalar(attr: str, i: int) -> float | None:
+        v = getattr(expl, attr, None)
+        try:
+            return float(_to_numpy(v).reshape(-1)[i])
+        except (TypeError, ValueError, IndexError):
+            return None
+
+    idx = getattr(expl, "class_idx", None)
+    return [
+        {
+            "name": str(nm),
+            "index": (int(_to_numpy(idx).reshape(-1)[i]) if idx is not None else i),
+            "logit": scalar("logits", i),
+            "probability": scalar("probabilities", i),
+        }
+        for i, nm in enumerate(names)
+    ]
+
+
 def save_nifti(
     expl: Explanation,
     out_dir: str | os.PathLike[str],
@@ -345,23 +371,7 @@ def save_nifti(
     if four_d:
         targets.append(unique("all-classes"))
 
-    def scalar(attr: str, i: int) -> float | None:
-        v = getattr(expl, attr, None)
-        try:
-            return float(_to_numpy(v).reshape(-1)[i])
-        except (TypeError, ValueError, IndexError):
-            return None
-
-    idx = getattr(expl, "class_idx", None)
-    classes = [
-        {
-            "name": str(nm),
-            "index": (int(_to_numpy(idx).reshape(-1)[i]) if idx is not None else i),
-            "logit": scalar("logits", i),
-            "probability": scalar("probabilities", i),
-        }
-        for i, nm in enumerate(names)
-    ]
+    classes = class_records(expl, names)
     base = {"generator": "medcam3d", "method": method_raw, "target_layer": layer}
     items = []
     for i in range(k):

@@ -208,23 +208,9 @@ def explanation_layer_data(
     arr = _numpy(maps)
     names = list(getattr(expl, "class_names", None) or [f"class_{i}" for i in range(arr.shape[0])])
 
-    def pick(attr: str, i: int) -> float | None:
-        v = getattr(expl, attr, None)
-        try:
-            return float(_numpy(v).reshape(-1)[i])
-        except (TypeError, ValueError, IndexError):
-            return None
+    from medcam3d.io.export import class_records
 
-    idx = getattr(expl, "class_idx", None)
-    classes = [
-        {
-            "name": nm,
-            "index": int(_numpy(idx).reshape(-1)[i]) if idx is not None else i,
-            "logit": pick("logits", i),
-            "probability": pick("probabilities", i),
-        }
-        for i, nm in enumerate(names)
-    ]
+    classes = class_records(expl, names)
     return heat_layer_data(
         arr,
         to_numpy_affine(maps.affine),
