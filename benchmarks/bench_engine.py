@@ -2,12 +2,13 @@
 
 Run:  python benchmarks/bench_engine.py [--device cpu|cuda] [--repeats 3] [--quick]
 
-Every measurement runs in a fresh subprocess so peak memory is not polluted by earlier runs:
+Peak memory: each row runs once in a fresh subprocess, so it is not polluted by earlier rows:
   * CPU: peak resident memory (ru_maxrss) minus the resident memory just before the measured call
     (model and input already built, one warm-up call of plain inference done);
   * CUDA: torch.cuda.max_memory_allocated() minus memory allocated before the call.
-Times are the median of ``--repeats`` calls after that first call. Ratios in the printed table
-are taken within this one run, so they compare like with like on a noisy machine.
+Time: all rows run in ONE process, interleaved round-robin for ``--repeats`` rounds after a
+warm-up round, and each row reports its median. Interleaving spreads machine noise (other jobs,
+clock changes) evenly over the rows, so the printed ratios compare like with like.
 
 Rows: plain inference (torch.no_grad); medcam3d HiResCAM with K = 1, 4, 16 classes from one call
 (maps upsampled to the input size, i.e. what a user gets); medcam3d with K=16 reading only the
@@ -53,18 +54,11 @@ def _rss_kb() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def measure(config: str, kind: str, k: int, device: str, repeats: int) -> dict:
-    """Runs inside the child process: one measurement, printed as JSON."""
-    import resource
-
+def make_runner(model, x, layer: str, kind: str, k: int):
+    """A zero-argument callable doing one row's work (what a user gets for that row)."""
     import torch
 
     import medcam3d
-
-    torch.manual_seed(0)
-    net, size, layer = CONFIGS[config]
-    model = _build(net, 16).to(device).eval()
-    x = torch.randn(1, 1, size, size, size, device=device)
 
     if kind == "inference":
 
@@ -81,13 +75,38 @@ def measure(config: str, kind: str, k: int, device: str, repeats: int) -> dict:
             return res.raw if kind.endswith("raw-only") else res.maps
 
     else:
+        import copy
+
         from monai.visualize import GradCAM as MonaiGradCAM
 
-        monai_cam = MonaiGradCAM(nn_module=model, target_layers=layer)
+        # MONAI's GradCAM leaves its forward/backward hooks on the module it wraps; give it its
+        # own copy (same weights) so those hooks cannot slow down the other rows of this process.
+        monai_cam = MonaiGradCAM(nn_module=copy.deepcopy(model), target_layers=layer)
 
         def run():
             return [monai_cam(x, class_idx=c) for c in range(k)]
 
+    return run
+
+
+def _setup(config: str, device: str):
+    import torch
+
+    torch.manual_seed(0)
+    net, size, layer = CONFIGS[config]
+    model = _build(net, 16).to(device).eval()
+    x = torch.randn(1, 1, size, size, size, device=device)
+    return model, x, layer
+
+
+def measure_memory(config: str, kind: str, k: int, device: str) -> dict:
+    """Runs inside a child process: the peak memory of one call of one row, as JSON-able dict."""
+    import resource
+
+    import torch
+
+    model, x, layer = _setup(config, device)
+    run = make_runner(model, x, layer, kind, k)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         model(x)  # warm-up of kernels/allocator, the same for every row
@@ -103,15 +122,27 @@ def measure(config: str, kind: str, k: int, device: str, repeats: int) -> dict:
         out = run()
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     del out
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = run()
-        sync()
-        times.append(time.perf_counter() - t0)
-        del out
-    return {"seconds": statistics.median(times), "peak_mb": peak_mb}
+    return {"peak_mb": peak_mb}
+
+
+def measure_times(config: str, device: str, repeats: int) -> dict[tuple[str, int], float]:
+    """Median seconds per row, rows interleaved round-robin in this process after a warm-up round."""
+    import torch
+
+    model, x, layer = _setup(config, device)
+    runners = {(kind, k): make_runner(model, x, layer, kind, k) for kind, k in ROWS}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[tuple[str, int], list[float]] = {row: [] for row in runners}
+    for round_ in range(repeats + 1):
+        for row, run in runners.items():
+            sync()
+            t0 = time.perf_counter()
+            out = run()
+            sync()
+            if round_:  # round 0 is the warm-up
+                times[row].append(time.perf_counter() - t0)
+            del out
+    return {row: statistics.median(ts) for row, ts in times.items()}
 
 
 def main() -> None:
@@ -123,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         config, kind, k = args.child
-        print(json.dumps(measure(config, kind, int(k), args.device, args.repeats)))
+        print(json.dumps(measure_memory(config, kind, int(k), args.device)))
         return
 
     import torch
@@ -131,19 +162,21 @@ def main() -> None:
     device_name = (
         torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     )
-    print(f"# medcam3d engine benchmark on {device_name}, torch {torch.__version__}, batch 1, median of {args.repeats}")
+    print(f"# medcam3d engine benchmark on {device_name}, torch {torch.__version__}, batch 1, "
+          f"time = median of {args.repeats} interleaved rounds, memory = one call per fresh process")
     for config in args.configs:
         results = {}
         for kind, k in ROWS:
             proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
-                 "--child", config, kind, str(k)],
+                [sys.executable, __file__, "--device", args.device, "--child", config, kind, str(k)],
                 capture_output=True, text=True, check=False,
             )
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"measurement {config} {kind} K={k} failed")
             results[(kind, k)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for row, seconds in measure_times(config, args.device, args.repeats).items():
+            results[row]["seconds"] = seconds
         inf = results[("inference", 0)]
         print(f"\n## {config}")
         print("| method | K | time (s) | × inference time | × MONAI GradCAM time (same K) | peak mem (MB) | × inference peak mem |")
