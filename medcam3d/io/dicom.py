@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from medcam3d.errors import VolumeLoadError
+from medcam3d.io.affine import LPS_TO_RAS
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # Geometry tolerances. Positions: max(ABS_TOL_MM, REL_TOL * step). Directions: cosine components.
 ABS_TOL_MM = 0.01

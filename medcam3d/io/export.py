@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcam3d.errors import ExportError
+from medcam3d.io.affine import ras_affine, to_numpy_affine
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcam3d.spatial.explanation import Explanation
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEFAULT_STEM = "medcam3d"
 NIFTI_SUFFIX = ".nii.gz"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -61,13 +61,10 @@ def _ras_affine(maps: Any) -> np.ndarray:
             "The maps carry no affine (not a MetaTensor?); cannot place them on the scan. Build the "
             "Explanation from a volume loaded with medcam3d.io.load_volume."
         )
-    aff = _to_numpy(aff).astype(np.float64) if not isinstance(aff, np.ndarray) else aff.astype(np.float64)
+    aff = to_numpy_affine(aff)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
         raise ExportError(f"The maps' affine is not a finite, invertible 4x4 matrix:\n{aff}")
-    space = str(_meta(maps).get("space", "RAS")).upper()
-    if space == "LPS":
-        aff = LPS_TO_RAS @ aff
-    return aff
+    return ras_affine(maps)
 
 
 def _meta(maps: Any) -> dict[str, Any]:

@@ -19,24 +19,6 @@ from typing import Any
 
 import numpy as np
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def to_numpy_affine(affine: Any) -> np.ndarray:
-    """A float64 (4, 4) numpy copy of a torch/numpy affine."""
-    if hasattr(affine, "detach"):
-        affine = affine.detach().cpu().numpy()
-    return np.array(affine, dtype=np.float64)
-
-
-def ras_affine(tensor: Any) -> np.ndarray:
-    """The voxel → RAS-mm affine of a MetaTensor (converted from LPS when its meta says so)."""
-    aff = to_numpy_affine(tensor.affine)
-    meta = getattr(tensor, "meta", None) or {}
-    if str(meta.get("space", "RAS")).upper() == "LPS":
-        aff = LPS_TO_RAS @ aff
-    return aff
-
 
 def display_permutation(affine: np.ndarray) -> tuple[int, ...]:
     """``perm`` such that array axis ``perm[i]`` is the one closest to world axis ``i``.

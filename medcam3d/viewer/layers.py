@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from medcam3d.errors import InputError
-from medcam3d.viewer.geometry import display_grid, ras_affine, to_numpy_affine
+from medcam3d.io.affine import ras_affine, to_numpy_affine
+from medcam3d.viewer.geometry import display_grid
 from medcam3d.viewer.windows import resolve_window
 
 LayerData = tuple[Any, dict[str, Any], str]

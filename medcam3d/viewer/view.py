@@ -52,7 +52,7 @@ def _check_same_grid(expl: Any, volume: Any) -> None:
             f"explanation maps are on a {tuple(maps.shape[1:])} grid but the volume is {tuple(volume.shape[1:])}: "
             "they come from another scan. Pass the volume the explanation was computed on."
         )
-    from medcam3d.viewer.geometry import ras_affine
+    from medcam3d.io.affine import ras_affine
 
     if not np.allclose(ras_affine(maps), ras_affine(volume), atol=1e-3):
         raise InputError(

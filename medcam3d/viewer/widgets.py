@@ -94,7 +94,7 @@ class WindowWidget(mw.Container):
         if layer is None:
             return
         try:
-            from medcam3d.viewer.geometry import ras_affine
+            from medcam3d.io.affine import ras_affine
             from medcam3d.viewer.layer_io import volume_from_layer
             from medcam3d.viewer.layers import _z_axis
 
