@@ -17,7 +17,7 @@ import torch
 from medcam3d.engine.cam import BaseCAM
 from medcam3d.engine.capture import replace_target
 from medcam3d.engine.guard import frozen_eval
-from medcam3d.engine.selection import ClassSpec, check_input, check_output
+from medcam3d.engine.selection import ClassSpec, check_output
 
 
 @dataclass
@@ -55,8 +55,7 @@ def completeness_gap(cam: BaseCAM, x: torch.Tensor, class_idx: ClassSpec = None)
     Costs one explainer call plus one no-grad forward with the target activation zeroed.
     Works for Grad-CAM too (where the identity generally does not hold, except for a GAP head).
     """
-    result = cam(x, class_idx)
-    x = check_input(x, cam.model)
+    result = cam(x, class_idx)  # validates x
     target = cam.target_for(x)
     with frozen_eval(cam.model), torch.no_grad():
         with replace_target(target, x.ndim - 2, torch.zeros_like):
