@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for method, s in summ.items():
                 print(f"  {method:8s} pointing {s['pointing']:.3f}  mass-in-mask {s['mass_in_mask']:.3f} "
                       f"(mask share {s['mask_share']:.4f})  deletion AUC {s['deletion_auc']:.3f}  "
+                      f"median peak-lesion {s['median_peak_distance_mm']:.1f} mm  "
                       f"n={s['n_maps']}", flush=True)
     if not args.skip_real and "gap" in models:
         result["real"] = {}

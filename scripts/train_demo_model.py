@@ -7,7 +7,11 @@ The shipped weights came from the staged commands in medcam3d/models/MODEL_CARD.
 
 Every step draws a fresh batch of synthetic volumes, as twin pairs (a case and the same case with
 one abnormality flipped; case seeds ``case_seed(--seed, i)``), so nothing is reused or stored.
-Loss: multi-label BCE on the three abnormality labels. Optimiser: Adam with cosine decay. At the end
+Loss: multi-label BCE on the three abnormality labels, plus optional terms (all off by default):
+a twin-pair ranking term (--pair-rank-weight), and for the gap model penalties on positive class
+evidence where the class is absent (--negative-evidence-weight) and, using the exact lesion masks,
+farther than one feature cell from the lesion (--outside-evidence-weight); --head-lr-mult scales the
+final linear layer's learning rate. Optimiser: Adam with cosine decay. At the end
 the per-class AUROC on a held-out generated set (base seed ``--val-seed``) is printed and saved
 next to the weights as ``demo_training_<kind>.json``.
 """
@@ -28,17 +32,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medcam3d.models import CLASS_NAMES, HU_WINDOW, build_demo_model, per_class_auroc  # noqa: E402
+from medcam3d.models import CLASS_NAMES, HU_WINDOW, TARGET_LAYERS, build_demo_model, per_class_auroc  # noqa: E402
 from medcam3d.models.demo import WEIGHT_FILES  # noqa: E402
 from medcam3d.synthetic import case_seed, make_chest_ct, make_dataset  # noqa: E402
 
 
-#: Which abnormality pair i flips: FLIP_ORDER[i % 4] (the small nodule in half of the pairs).
+#: Default of --flip-order: which abnormality pair i flips, FLIP_ORDER[i % len] (nodule in half the pairs).
 FLIP_ORDER = (0, 1, 0, 2)
 
 
-def paired_batch(seed: int, start: int, size: int, only: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_batch(seed: int, start: int, size: int, only: int | None = None,
+                 flip_order: tuple[int, ...] = FLIP_ORDER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``size`` training volumes as ``size // 2`` twin pairs: case ``case_seed(seed, i)`` as drawn,
     and the same case with ONE abnormality flipped (present <-> absent; class FLIP_ORDER[i % 4]).
 
@@ -47,18 +51,63 @@ def paired_batch(seed: int, start: int, size: int, only: int | None = None
     anatomy, noise or the other lesions), which makes a 20-voxel nodule learnable in a few hundred
     CPU steps. Every label is still present with probability 1/2 and independent of the others.
     """
-    vols, labels = [], []
+    vols, labels, flips, masks = [], [], [], []
     lo, hi = HU_WINDOW
     for i in range(start // 2, start // 2 + size // 2):
         s = case_seed(seed, i)
         first = make_chest_ct(s)
-        flip = CLASS_NAMES[FLIP_ORDER[i % len(FLIP_ORDER)] if only is None else only]
+        flip = CLASS_NAMES[flip_order[i % len(flip_order)] if only is None else only]
         twin = make_chest_ct(s, present={flip: not first.labels[flip]})
+        flips.append(CLASS_NAMES.index(flip))
         for case in (first, twin):
             v = np.clip((case.volume - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
             vols.append(torch.from_numpy(v[None]))
             labels.append(torch.from_numpy(case.label_vector))
-    return torch.stack(vols), torch.stack(labels)
+            masks.append(torch.from_numpy(case.mask_stack))
+    return torch.stack(vols), torch.stack(labels), torch.tensor(flips), torch.stack(masks)
+
+
+def pair_rank_loss(logits: torch.Tensor, labels: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mean softplus(-(logit with - logit without)) of each twin pair's flipped class.
+
+    The twins differ only at the flipped lesion, so this pushes exactly the evidence that the lesion
+    adds (the same signal BCE sees, without the other cases' and the bias's share of the gradient).
+    """
+    a, b = logits[0::2], logits[1::2]
+    rows = torch.arange(len(flips))
+    sign = labels[0::2][rows, flips] - labels[1::2][rows, flips]  # +1 if the first twin has it
+    return F.softplus(-sign * (a[rows, flips] - b[rows, flips])).mean()
+
+
+def negative_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean positive class evidence per cell, over the (case, class) pairs whose label is 0.
+
+    ``features`` (B, C, *S) feed a global-average-pool + linear head with ``weight`` (K, C), so
+    ``einsum(features, weight)`` is each class's evidence per cell (the logit is its mean plus the
+    bias). Penalising its positive part where the class is absent asks the model to keep normal
+    anatomy evidence-free and to put its bias in the bias term: a case then scores high only where
+    a lesion adds evidence, i.e. the model's own evidence is local (what its HiResCAM map shows).
+    """
+    cam = torch.einsum("bc...,kc->bk...", features, weight).flatten(2)  # (B, K, cells)
+    neg = labels < 0.5
+    if not neg.any():
+        return features.new_zeros(())
+    return F.relu(cam[neg]).mean()
+
+
+def outside_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     masks: torch.Tensor, margin_cells: int = 1) -> torch.Tensor:
+    """Mean positive class evidence in cells farther than ``margin_cells`` from the class's lesion,
+    over the (case, class) pairs whose label is 1 (the training masks are exact, see medcam3d.synthetic).
+    """
+    cam = torch.einsum("bc...,kc->bk...", features, weight)  # (B, K, *cells)
+    near = F.adaptive_max_pool3d(masks.float(), cam.shape[2:])
+    if margin_cells > 0:
+        near = F.max_pool3d(near, 2 * margin_cells + 1, stride=1, padding=margin_cells)
+    pos = labels > 0.5
+    if not pos.any():
+        return features.new_zeros(())
+    return (F.relu(cam) * (1.0 - near))[pos].mean()
 
 
 def batch(ds, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +128,12 @@ def predict(model: torch.nn.Module, ds, batch_size: int = 8) -> tuple[np.ndarray
     return np.concatenate(probs), np.concatenate(labels)
 
 
+def head_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Parameter]:
+    """The final linear layer's parameters (the classification head)."""
+    head = model.class_layers.out if kind == "gap" else model.final  # DenseNet / Classifier
+    return list(head.parameters())
+
+
 def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     """Train one demo model, save its state_dict, return a summary dict."""
     torch.manual_seed(args.seed)
@@ -86,7 +141,13 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     if args.init is not None:  # fine-tune: start from an earlier stage's weights
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    head = head_parameters(model, kind)
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    # a GAP head divides each cell's evidence by the number of cells (16*16*12 for the gap model), so a
+    # lesion covering one cell moves the logit only if the head weights grow large: they get a larger
+    # learning rate (and no weight decay) instead of waiting thousands of steps
+    opt = torch.optim.Adam([{"params": body, "lr": args.lr, "weight_decay": args.weight_decay},
+                            {"params": head, "lr": args.lr * args.head_lr_mult, "weight_decay": 0.0}])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     t0 = time.perf_counter()
@@ -95,13 +156,32 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     phase1_weights = torch.tensor([1.0] + [args.phase1_other_weight] * (len(CLASS_NAMES) - 1))
     if class_weights.numel() != len(CLASS_NAMES) or (class_weights <= 0).any():
         raise SystemExit(f"--class-weights needs {len(CLASS_NAMES)} positive numbers, got {args.class_weights!r}")
+    flip_order = tuple(int(v) for v in args.flip_order.split(","))
+    if not flip_order or any(not 0 <= v < len(CLASS_NAMES) for v in flip_order):
+        raise SystemExit(f"--flip-order needs class indices 0..{len(CLASS_NAMES) - 1}, got {args.flip_order!r}")
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if args.negative_evidence_weight > 0 or args.outside_evidence_weight > 0:
+        if kind != "gap":
+            raise SystemExit("--negative-evidence-weight applies to the gap model only")
+        hook = model.get_submodule(TARGET_LAYERS["gap"]).register_forward_hook(
+            lambda _m, _i, out: captured.__setitem__("features", out))
     for step in range(args.steps):
         model.train()
         phase1 = step < args.nodule_phase
-        x, y = paired_batch(args.seed, step * args.batch_size, args.batch_size, 0 if phase1 else None)
-        per_class = F.binary_cross_entropy_with_logits(model(x), y, reduction="none").mean(0)
+        x, y, flips, masks = paired_batch(args.seed, step * args.batch_size, args.batch_size, 0 if phase1 else None,
+                                           flip_order)
+        logits = model(x)
+        per_class = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0)
         w = phase1_weights if phase1 else class_weights
         loss = (per_class * w).sum() / w.sum()
+        if args.pair_rank_weight > 0:
+            loss = loss + args.pair_rank_weight * pair_rank_loss(logits, y, flips)
+        if hook is not None:
+            feats, head_w = captured.pop("features"), model.class_layers.out.weight
+            loss = loss + args.negative_evidence_weight * negative_evidence(feats, head_w, y)
+            if args.outside_evidence_weight > 0:
+                loss = loss + args.outside_evidence_weight * outside_evidence(feats, head_w, y, masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,6 +193,8 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
                   + " ".join(f"{c} {v:.3f}" for c, v in zip(CLASS_NAMES, run)) + " "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     train_s = time.perf_counter() - t0
+    if hook is not None:
+        hook.remove()
     model.eval()
     path = out_dir / WEIGHT_FILES[kind]
     torch.save({k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
@@ -125,7 +207,10 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     return {"kind": kind, "params": n_params, "weights_bytes": path.stat().st_size,
             "train_seconds": round(train_s, 1), "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "init": str(args.init) if args.init else None, "nodule_phase": args.nodule_phase,
-            "phase1_other_weight": args.phase1_other_weight, "class_weights": args.class_weights, "train_seed": args.seed, "val_seed": args.val_seed, "val_n": args.val_n,
+            "phase1_other_weight": args.phase1_other_weight, "class_weights": args.class_weights, "pair_rank_weight": args.pair_rank_weight,
+            "negative_evidence_weight": args.negative_evidence_weight,
+            "outside_evidence_weight": args.outside_evidence_weight, "head_lr_mult": args.head_lr_mult,
+            "flip_order": args.flip_order, "train_seed": args.seed, "val_seed": args.val_seed, "val_n": args.val_n,
             "val_positives": {c: int(labels[:, k].sum()) for k, c in enumerate(CLASS_NAMES)},
             "auroc": aucs}
 
@@ -144,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
                         "features learning; 0 starves them)")
     p.add_argument("--class-weights", default="2,1,1",
                    help=f"BCE weight per class ({', '.join(CLASS_NAMES)}), comma-separated")
+    p.add_argument("--pair-rank-weight", type=float, default=0.0,
+                   help="weight of the twin-pair ranking loss (see pair_rank_loss); 0 = BCE only")
+    p.add_argument("--negative-evidence-weight", type=float, default=0.0,
+                   help="gap model: weight of the penalty on positive per-cell class evidence where "
+                        "the class is absent (see negative_evidence); 0 = off")
+    p.add_argument("--outside-evidence-weight", type=float, default=0.0,
+                   help="gap model: weight of the penalty on positive class evidence farther than one "
+                        "cell from the lesion's exact mask in cases that have it; 0 = off")
+    p.add_argument("--head-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the final linear layer (see train_one)")
+    p.add_argument("--flip-order", default=",".join(map(str, FLIP_ORDER)),
+                   help="after the nodule phase, pair i flips class flip_order[i %% len] "
+                        f"(indices into {', '.join(CLASS_NAMES)})")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=1000, help="training base seed (model init + data)")
     p.add_argument("--val-seed", type=int, default=2000, help="held-out base seed")

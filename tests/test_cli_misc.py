@@ -65,45 +65,63 @@ def test_case_ids_are_sanitised_and_unique(tmp_path):
     assert ids == ["scan", "scan-2", "Scan-3"]  # the repeated path is one case; ids differ ignoring case
 
 
-def test_demo_map_lands_on_planted_nodule(tmp_path, capsys):
+def test_demo_maps_land_on_each_planted_lesion(tmp_path, capsys):
+    from medcam3d.data import demo_scan_paths
+    from medcam3d.models import CELL_HALF_DIAGONAL_MM, CLASS_NAMES
+
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "SYNTHETIC EXAMPLE (fixed-weight bright-blob detector" in text
-    maps = sorted(out.glob("*/*_hirescam_nodule.nii.gz"))
-    assert len(maps) == 1 and (maps[0].parent / f"{maps[0].parent.name}_hirescam_montage.png").exists()
-    img = nib.load(str(maps[0]))
-    mask = nib.load(str(next(out.glob("demo_input/*_nodule.nii.gz"))))
-    data = np.asarray(img.dataobj)
-    peak = img.affine @ np.array([*np.unravel_index(int(np.argmax(data)), data.shape), 1.0])
-    # the peak's world position falls in a nodule voxel of the mask (looked up through the mask's affine)
-    ijk = np.rint(np.linalg.inv(mask.affine) @ peak).astype(int)[:3]
-    assert np.asarray(mask.dataobj)[tuple(ijk)] == 1
-    inside = data[np.asarray(mask.dataobj) > 0].sum() / data.sum()
-    assert inside > 0.5  # most of the map's mass is on the nodule
-    assert "mm apart" in text and str(out) in text
+    assert "TRAINED DEMO MODEL on a SYNTHETIC chest CT" in text and str(out) in text
+    paths = demo_scan_paths()
+    scan = nib.load(str(paths["ct"]))
+    for method in ("hirescam", "gradcam"):
+        maps = sorted(out.glob(f"*/*_{method}_*.nii.gz"))
+        assert {m.name.split(f"_{method}_")[1] for m in maps} == {f"{c}.nii.gz" for c in CLASS_NAMES}
+        assert (maps[0].parent / f"{maps[0].parent.name}_{method}_montage.png").exists()
+    for name in CLASS_NAMES:
+        img = nib.load(str(next(out.glob(f"*/*_hirescam_{name}.nii.gz"))))
+        assert img.shape == scan.shape and np.allclose(img.affine, scan.affine, atol=1e-4)
+        data = np.asarray(img.dataobj, dtype=np.float64)
+        mask = nib.load(str(paths[name]))
+        m = np.asarray(mask.dataobj) > 0
+        # the peak, carried to world mm through the map's affine, vs the lesion voxels' world positions
+        peak = img.affine @ np.array([*np.unravel_index(int(np.argmax(data)), data.shape), 1.0])
+        lesion = np.argwhere(m) @ mask.affine[:3, :3].T + mask.affine[:3, 3]
+        dist = np.sqrt(((lesion - peak[:3]) ** 2).sum(axis=1)).min()
+        # within the lesion's feature cell (40 x 40 x 48 mm cells: half a diagonal is 37 mm)
+        assert dist <= CELL_HALF_DIAGONAL_MM, f"{name}: HiResCAM peak {dist:.1f} mm from the lesion"
+        # and the map's mass is concentrated on the lesion, many times a uniform map's share
+        assert data[m].sum() / data.sum() >= 5 * m.mean(), name
+        assert f"    {name}: map peak at" in text
 
 
-def test_demo_assets_is_the_single_swap_point(tmp_path):
+def test_demo_assets_are_the_shipped_model_and_bundled_scan():
     from medcam3d.cli.demo import demo_assets
+    from medcam3d.models import CLASS_NAMES, weights_path
 
-    assets = demo_assets(tmp_path)
-    assert assets.scans[0].exists() and assets.config["model"]["checkpoint"]
-    assert cli_main is not None
+    assets = demo_assets()
+    assert assets.scans[0].is_file() and Path(assets.config["model"]["checkpoint"]) == weights_path("gap")
+    assert set(assets.lesion_masks) == set(CLASS_NAMES)
+    assert all(p.is_file() for p in assets.lesion_masks.values())
 
 
-def test_demo_trained_runs_the_shipped_model_on_the_bundled_scan(tmp_path, capsys):
-    from medcam3d.data import demo_scan_paths
+def test_peak_vs_lesion_in_world_mm_across_grids(tmp_path):
+    from medcam3d.cli.demo import peak_vs_lesion
 
-    out = tmp_path / "demo"
-    assert main(["demo", "--trained", "--output", str(out), "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "TRAINED DEMO MODEL" in text and "docs/results.md" in text
-    maps = sorted(out.glob("*/*_hirescam_*.nii.gz"))
-    assert {m.name.split("_hirescam_")[1] for m in maps} == {
-        "nodule.nii.gz", "effusion.nii.gz", "consolidation.nii.gz"}
-    scan = nib.load(str(demo_scan_paths()["ct"]))
-    for m in maps:
-        img = nib.load(str(m))
-        assert img.shape == scan.shape
-        assert np.allclose(img.affine, scan.affine, atol=1e-4)
+    # map on a 2 mm grid shifted by (10, 0, 0) mm; mask on a 1 mm grid
+    map_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    map_aff[:3, 3] = (10.0, 0.0, 0.0)
+    data = np.zeros((10, 10, 10), np.float32)
+    data[3, 4, 5] = 1.0  # world (16, 8, 10)
+    nib.save(nib.Nifti1Image(data, map_aff), str(tmp_path / "map.nii.gz"))
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[16, 8, 10] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "in.nii.gz"))
+    rep = peak_vs_lesion(tmp_path / "map.nii.gz", tmp_path / "in.nii.gz")
+    assert rep.inside and rep.distance_mm == 0.0 and rep.peak_mm == (16.0, 8.0, 10.0)
+    mask[:] = 0
+    mask[16, 8, 22] = 1  # 12 mm away along z
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "out.nii.gz"))
+    rep = peak_vs_lesion(tmp_path / "map.nii.gz", tmp_path / "out.nii.gz")
+    assert not rep.inside and rep.distance_mm == pytest.approx(12.0)

@@ -84,9 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="explain a bundled demo scan with the bundled demo model")
     dm.add_argument("--output", type=Path, default=Path("medcam3d-demo-output"), metavar="DIR",
                     help="output folder (default ./medcam3d-demo-output)")
-    dm.add_argument("--trained", action="store_true",
-                    help="use the trained demo model on the bundled demo scan instead of the "
-                         "synthetic bright-blob detector")
     dm.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -141,30 +138,29 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medcam3d.cli.demo import demo_assets, mask_centre_mm, peak_world_mm
+    from medcam3d.cli.demo import demo_assets, peak_vs_lesion
     from medcam3d.cli.explain import ExplainOptions, run_explain
 
     out = args.output.resolve()
-    assets = demo_assets(out / "demo_input", trained=args.trained)
-    if assets.banner:
-        print(assets.banner)
+    assets = demo_assets()
+    print(assets.banner)
     summary = run_explain(ExplainOptions(config=assets.config, inputs=[str(s) for s in assets.scans],
                                          output=out, quiet=args.quiet, overwrite=True))
     print(_summary_line(summary, out))
     for row in summary.rows:
         if row["status"] != "ok":
             continue
-        files = ", ".join(row["outputs"])
         probs = ", ".join(f"{n}={p:.3f}" for n, p in zip(row["class_names"], row["probabilities"]))
-        print(f"  {row['method']}: {probs}; files: {files}")
-        if assets.nodule_mask is not None:
-            nii = out / row["outputs"][0]
-            peak = peak_world_mm(nii)
-            centre = mask_centre_mm(assets.nodule_mask)
-            dist = sum((a - b) ** 2 for a, b in zip(peak, centre)) ** 0.5
-            print(f"    map peak at ({peak[0]:.1f}, {peak[1]:.1f}, {peak[2]:.1f}) mm RAS; planted "
-                  f"nodule centre ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm; "
-                  f"{dist:.1f} mm apart")
+        print(f"  {row['method']}: P({probs})")
+        for name in row["class_names"]:
+            nii = next((out / f for f in row["outputs"] if f.endswith(f"_{name}.nii.gz")), None)
+            mask = assets.lesion_masks.get(name)
+            if nii is None or mask is None:
+                continue
+            rep = peak_vs_lesion(nii, mask)
+            where = "inside the lesion" if rep.inside else f"{rep.distance_mm:.1f} mm from the lesion"
+            print(f"    {name}: map peak at ({rep.peak_mm[0]:.1f}, {rep.peak_mm[1]:.1f}, "
+                  f"{rep.peak_mm[2]:.1f}) mm RAS, {where}; file {nii}")
     print(f"Open them with: medcam3d view {assets.scans[0]} {out}/<case>/<map>.nii.gz")
     return EXIT_FAILED if summary.failed else EXIT_OK
 

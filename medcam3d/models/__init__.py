@@ -7,8 +7,10 @@
 
 from medcam3d.models.auroc import auroc, per_class_auroc
 from medcam3d.models.demo import (
+    CELL_HALF_DIAGONAL_MM,
     CLASS_NAMES,
     FLATTEN_KWARGS,
+    GAP_CELL_MM,
     GAP_EARLY_LAYER,
     GAP_KWARGS,
     HU_WINDOW,
@@ -24,8 +26,10 @@ from medcam3d.models.demo import (
 )
 
 __all__ = [
+    "CELL_HALF_DIAGONAL_MM",
     "CLASS_NAMES",
     "FLATTEN_KWARGS",
+    "GAP_CELL_MM",
     "GAP_EARLY_LAYER",
     "GAP_KWARGS",
     "HU_WINDOW",

@@ -33,16 +33,22 @@ HU_WINDOW: tuple[float, float] = (-1000.0, 400.0)
 #: Constructor arguments, also written into sample_configs/demo.yaml.
 GAP_KWARGS: dict[str, Any] = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": len(CLASS_NAMES),
-    "init_features": 16, "growth_rate": 8, "block_config": (3, 4, 6),
+    "init_features": 16, "growth_rate": 8, "block_config": (4, 4),
 }
 FLATTEN_KWARGS: dict[str, Any] = {
     "in_shape": (1, *INPUT_SHAPE), "classes": len(CLASS_NAMES),
     "channels": (8, 16, 32, 32), "strides": (2, 2, 2, 2),
 }
+#: Size (mm) of one cell of the GAP model's last feature map (stride 8: 8 x 8 x 6 cells). A map at
+#: that layer is a cell-level answer; its upsampled peak sits at a cell centre, so "the peak lands on
+#: the lesion" can only mean "within half a cell diagonal of it" (:data:`CELL_HALF_DIAGONAL_MM`).
+GAP_CELL_MM: tuple[float, float, float] = tuple(8 * s for s in SPACING)  # type: ignore[assignment]
+CELL_HALF_DIAGONAL_MM: float = 0.5 * sum(c * c for c in GAP_CELL_MM) ** 0.5
 #: Layer explained by default: the GAP model's last feature map, the flatten model's last conv block.
 TARGET_LAYERS: dict[str, str] = {"gap": "class_layers.relu", "flatten": "net"}
-#: An earlier layer of the GAP model (after the second dense block's transition), for comparisons.
-GAP_EARLY_LAYER = "features.transition2.relu"
+#: An earlier layer of the GAP model (inside the transition between its two dense blocks, before the
+#: pooling: 16 x 16 x 12 cells), for comparisons.
+GAP_EARLY_LAYER = "features.transition1.relu"
 WEIGHT_FILES: dict[str, str] = {"gap": "demo_weights.pt", "flatten": "demo_flatten_weights.pt"}
 KINDS = tuple(WEIGHT_FILES)
 

@@ -58,6 +58,7 @@ class MapScore:
     mass_in_mask: float
     mask_share: float  # the mask's share of all voxels: what mass-in-mask a uniform map would get
     deletion_auc: float | None
+    peak_distance_mm: float = float("nan")  # map peak to the nearest lesion voxel (0 = inside)
 
 
 def score_case(model: nn.Module, x: torch.Tensor, masks: np.ndarray, layer: str, case: int = 0,
@@ -84,7 +85,8 @@ def score_case(model: nn.Module, x: torch.Tensor, masks: np.ndarray, layer: str,
                                     batch_size=deletion_steps + 1).auc
             out.append(MapScore(case, CLASS_NAMES[k], method,
                                 pointing_game(m, masks[k], SPACING, POINTING_TOLERANCE_MM),
-                                mass_in_mask(m, masks[k]), float(masks[k].mean()), dele))
+                                mass_in_mask(m, masks[k]), float(masks[k].mean()), dele,
+                                peak_distance_mm(m, masks[k], np.diag([*SPACING, 1.0]))))
     return out
 
 
@@ -101,7 +103,8 @@ def score_heldout(model: nn.Module, layer: str, n: int, seed: int,
 
 
 def summarise(rows: Sequence[MapScore]) -> dict[str, dict[str, float]]:
-    """Per method: pointing-game hit rate, mean mass-in-mask, mean mask share, mean deletion AUC, n."""
+    """Per method: pointing-game hit rate, mean mass-in-mask, mean mask share, mean deletion AUC,
+    median peak-to-lesion distance (mm), n."""
     out: dict[str, dict[str, float]] = {}
     for method in sorted({r.method for r in rows}):
         rs = [r for r in rows if r.method == method]
@@ -113,6 +116,7 @@ def summarise(rows: Sequence[MapScore]) -> dict[str, dict[str, float]]:
             "mass_in_mask": float(np.mean(mims)) if mims else float("nan"),
             "mask_share": float(np.mean([r.mask_share for r in rs])),
             "deletion_auc": float(np.mean(dels)) if dels else float("nan"),
+            "median_peak_distance_mm": float(np.median([r.peak_distance_mm for r in rs])),
         }
     return out
 

@@ -28,7 +28,7 @@ def synthetic_chest_ct() -> list[LayerData]:
 
 
 def demo_chest_ct() -> list[LayerData]:
-    """The bundled demo scan (medcam3d.data, the scan ``medcam3d demo --trained`` explains) and its
+    """The bundled demo scan (medcam3d.data, the scan ``medcam3d demo`` explains) and its
     planted-lesion masks as labels layers, loaded from the shipped NIfTI files."""
     from medcam3d.data import demo_scan_paths
     from medcam3d.io import load_volume
