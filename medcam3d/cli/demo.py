@@ -55,13 +55,13 @@ def peak_vs_lesion(map_path: str | os.PathLike[str], mask_path: str | os.PathLik
     import nibabel as nib
     import numpy as np
 
+    from medcam3d.models.evaluation import peak_distance_mm
+
     img, msk = nib.load(str(map_path)), nib.load(str(mask_path))
     data = np.asarray(img.dataobj, dtype=np.float32)
-    ijk = np.array([*np.unravel_index(int(np.argmax(data)), data.shape), 1.0])
-    peak = (img.affine @ ijk)[:3]
     m = np.asarray(msk.dataobj) > 0
-    world = np.argwhere(m) @ msk.affine[:3, :3].T + msk.affine[:3, 3]
-    dist = float(np.sqrt(((world - peak) ** 2).sum(axis=1)).min())
+    dist = peak_distance_mm(data, m, img.affine, msk.affine)
+    peak = (img.affine @ np.array([*np.unravel_index(int(np.argmax(data)), data.shape), 1.0]))[:3]
     mijk = np.rint(np.linalg.solve(msk.affine, np.r_[peak, 1.0])[:3]).astype(int)
     inside = bool(all(0 <= v < n for v, n in zip(mijk, m.shape)) and m[tuple(mijk)])
     return PeakReport(tuple(float(v) for v in peak), dist, inside)  # type: ignore[arg-type]

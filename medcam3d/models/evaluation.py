@@ -121,15 +121,21 @@ def summarise(rows: Sequence[MapScore]) -> dict[str, dict[str, float]]:
     return out
 
 
-def peak_distance_mm(saliency: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> float:
-    """World distance (mm) from the map's peak voxel (first argmax) to the nearest mask voxel centre."""
+def peak_distance_mm(saliency: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+                     mask_affine: np.ndarray | None = None) -> float:
+    """World distance (mm) from the map's peak voxel (first argmax) to the nearest mask voxel centre.
+
+    ``affine`` maps the map's voxels to world mm; ``mask_affine`` the mask's, when its grid differs
+    (default: the same grid).
+    """
     s, m = np.asarray(saliency), np.asarray(mask) > 0
     if not m.any():
         raise InputError("mask is empty")
     p = np.array(np.unravel_index(int(np.argmax(s)), s.shape), dtype=np.float64)
     aff = np.asarray(affine, dtype=np.float64)
+    maff = aff if mask_affine is None else np.asarray(mask_affine, dtype=np.float64)
     pw = aff[:3, :3] @ p + aff[:3, 3]
-    q = np.argwhere(m).astype(np.float64) @ aff[:3, :3].T + aff[:3, 3]
+    q = np.argwhere(m).astype(np.float64) @ maff[:3, :3].T + maff[:3, 3]
     return float(np.sqrt(((q - pw) ** 2).sum(axis=1)).min())
 
 
