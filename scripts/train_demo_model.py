@@ -44,7 +44,7 @@ FLIP_ORDER = (0, 1, 0, 2)
 def paired_batch(seed: int, start: int, size: int, only: int | None = None,
                  flip_order: tuple[int, ...] = FLIP_ORDER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``size`` training volumes as ``size // 2`` twin pairs: case ``case_seed(seed, i)`` as drawn,
-    and the same case with ONE abnormality flipped (present <-> absent; class FLIP_ORDER[i % 4]).
+    and the same case with ONE abnormality flipped (present <-> absent; class flip_order[i % len(flip_order)]).
 
     The generator changes nothing but that lesion's voxels, so each pair differs only where the
     flipped abnormality is: the loss can only be lowered by looking at it (no shortcut through
@@ -79,16 +79,21 @@ def pair_rank_loss(logits: torch.Tensor, labels: torch.Tensor, flips: torch.Tens
     return F.softplus(-sign * (a[rows, flips] - b[rows, flips])).mean()
 
 
+def cell_evidence(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, K, *S) evidence of each class per cell for features (B, C, *S) feeding a GAP + linear head
+    with ``weight`` (K, C): the logit is its spatial mean plus the bias (and, up to the 1/cells
+    factor, it is the HiResCAM map at that layer)."""
+    return torch.einsum("bc...,kc->bk...", features, weight)
+
+
 def negative_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean positive class evidence per cell, over the (case, class) pairs whose label is 0.
 
-    ``features`` (B, C, *S) feed a global-average-pool + linear head with ``weight`` (K, C), so
-    ``einsum(features, weight)`` is each class's evidence per cell (the logit is its mean plus the
-    bias). Penalising its positive part where the class is absent asks the model to keep normal
-    anatomy evidence-free and to put its bias in the bias term: a case then scores high only where
-    a lesion adds evidence, i.e. the model's own evidence is local (what its HiResCAM map shows).
+    Penalising it asks the model to keep normal anatomy evidence-free and to put its baseline in the
+    bias: a case then scores high only where a lesion adds evidence. Where that evidence sits is still
+    up to the model (a large receptive field can carry it far from the lesion): see outside_evidence.
     """
-    cam = torch.einsum("bc...,kc->bk...", features, weight).flatten(2)  # (B, K, cells)
+    cam = cell_evidence(features, weight).flatten(2)  # (B, K, cells)
     neg = labels < 0.5
     if not neg.any():
         return features.new_zeros(())
@@ -100,7 +105,7 @@ def outside_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch
     """Mean positive class evidence in cells farther than ``margin_cells`` from the class's lesion,
     over the (case, class) pairs whose label is 1 (the training masks are exact, see medcam3d.synthetic).
     """
-    cam = torch.einsum("bc...,kc->bk...", features, weight)  # (B, K, *cells)
+    cam = cell_evidence(features, weight)
     near = F.adaptive_max_pool3d(masks.float(), cam.shape[2:])
     if margin_cells > 0:
         near = F.max_pool3d(near, 2 * margin_cells + 1, stride=1, padding=margin_cells)
