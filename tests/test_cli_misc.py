@@ -51,7 +51,7 @@ def test_view_without_napari_is_a_clear_message(monkeypatch, tmp_path, capsys):
     scan = write_scan(tmp_path / "s.nii.gz")
     assert main(["view", str(scan)]) == 2
     err = capsys.readouterr().err
-    assert "napari is not installed" in err and "pip install 'medcam3d[napari]'" in err
+    assert "napari is not installed" in err and "pip install 'medcam3d-hirescam[napari]'" in err
     assert "Traceback" not in err
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from medcam3d.errors import Medcam3dError
 
 NAPARI_MISSING = (
-    "napari is not installed; install the viewer extra: pip install 'medcam3d[napari]'"
+    "napari is not installed; install the viewer extra: pip install 'medcam3d-hirescam[napari]'"
 )
 
 
