@@ -23,6 +23,7 @@ import numpy as np
 
 from medcam3d.errors import ExportError
 from medcam3d.io.affine import ras_affine, to_numpy_affine
+from medcam3d.io.xform import SourceXforms, source_xforms
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcam3d.spatial.explanation import Explanation
@@ -77,7 +78,9 @@ def _code(value: Any) -> int | None:
         code = int(np.asarray(value.cpu() if hasattr(value, "cpu") else value).reshape(-1)[0])
     except (TypeError, ValueError, IndexError):
         return None
-    return code if 0 <= code <= 4 else None
+    import nibabel as nib
+
+    return code if code in nib.nifti1.xform_codes.value_set() else None
 
 
 def _xform_codes(meta: dict[str, Any]) -> tuple[int, int]:
@@ -116,8 +119,14 @@ def build_nifti(
     descrip: str = "",
     intent_name: str = "",
     extension: dict[str, Any] | None = None,
+    source: SourceXforms | None = None,
 ) -> Any:
-    """A float32 ``Nifti1Image`` with ``affine`` in qform and sform, cal range and descrip set."""
+    """A float32 ``Nifti1Image`` with ``affine`` in qform and sform, cal range and descrip set.
+
+    With ``source`` (the scan's own qform/sform fields, see :mod:`medcam3d.io.xform`) those fields
+    are written verbatim instead (quaternion, offsets, qfac, pixdim, srow, both codes), so every
+    reader places the map where it places the scan; the codes arguments are then ignored.
+    """
     import nibabel as nib
 
     data = np.asarray(data, dtype=np.float32)
@@ -138,6 +147,10 @@ def build_nifti(
     if extension is not None:
         blob = json.dumps(extension, sort_keys=True).encode("utf-8")
         hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", blob))
+    if source is not None:
+        source.apply(hdr)
+        # affine=None: nibabel must not re-derive qform/sform from an affine when saving
+        img = nib.Nifti1Image(data, None, header=hdr)
     return img
 
 
@@ -265,7 +278,11 @@ def save_volume_nifti(
         raise ExportError(f"{target}: output name must end in .nii or .nii.gz.")
     meta = _meta(volume)
     q, s = _xform_codes(meta)
-    img = build_nifti(data, _ras_affine(volume), qform_code=q, sform_code=s, descrip=descrip)
+    affine = _ras_affine(volume)
+    img = build_nifti(
+        data, affine, qform_code=q, sform_code=s, descrip=descrip,
+        source=source_xforms(meta, affine, data.shape),
+    )
     inputs = _flatten_paths(source_paths) + _flatten_paths(meta.get("filename_or_obj"))
     _prepare_targets([target], target.parent, inputs, overwrite)
     return _write_all([(img, target)], overwrite)[0]
@@ -347,6 +364,7 @@ def save_nifti(
     affine = _ras_affine(maps)
     meta = _meta(maps)
     q, s = _xform_codes(meta)
+    src = source_xforms(meta, affine, data.shape[1:])
     method_raw = str(getattr(expl, "method", "") or "map")
     layer = str(getattr(expl, "target_layer", "") or "")
     method = sanitize_name(method_raw, "map")
@@ -375,7 +393,8 @@ def save_nifti(
         descrip = f"medcam3d {method} class={safe[i]} layer={layer}"
         ext = {**base, "class": classes[i]}
         img = build_nifti(
-            data[i], affine, qform_code=q, sform_code=s, descrip=descrip, intent_name=method, extension=ext
+            data[i], affine, qform_code=q, sform_code=s, descrip=descrip, intent_name=method, extension=ext,
+            source=src,
         )
         items.append((img, targets[i]))
     if four_d:
@@ -389,6 +408,7 @@ def save_nifti(
             descrip=descrip,
             intent_name=method,
             extension=ext,
+            source=src,
         )
         items.append((img, targets[-1]))
 
