@@ -32,7 +32,9 @@ from medcam3d.io.affine import LPS_TO_RAS
 
 # Geometry tolerances. Positions: max(ABS_TOL_MM, REL_TOL * step). Directions: cosine components.
 ABS_TOL_MM = 0.01
-REL_TOL = 0.01
+REL_TOL = 0.01  # deviations above max(ABS_TOL_MM, REL_TOL * step) are noted in the volume's meta
+FIT_REL_TOL = 0.03  # slice origins may lie this fraction of the step off the fitted line (rounding)
+STEP_REL_TOL = 2 * FIT_REL_TOL  # single steps may differ this much from the median step
 IOP_TOL = 1e-4
 
 _INSTALL_HINT = "pip install pylibjpeg pylibjpeg-openjpeg (JPEG 2000) or pylibjpeg-libjpeg (JPEG)"
@@ -52,10 +54,44 @@ def _pydicom():
     return pydicom
 
 
-def _scan_folder(folder: Path) -> tuple[list[_Slice], list[str]]:
+@dataclass
+class _Leftover:
+    """A file in the folder that did not give an image slice, and why."""
+
+    path: Path
+    kind: str  # "unreadable" (DICM marker, header unreadable) | "no-image" (DICOM, no pixels) | "not-dicom"
+    detail: str = ""
+    sop_class: str = ""  # SOPClassUID (or the file meta's MediaStorageSOPClassUID) of a "no-image" file
+
+
+def _name_kind(name: str) -> str:
+    """A file's extension when it is a word ("dcm", "txt"), else "" (no suffix, or UID-like digits)."""
+    ext = name.rsplit(".", 1)[-1] if "." in name.lstrip(".") else ""
+    return ext.lower() if ext.isalpha() and len(ext) <= 5 else ""
+
+
+def _is_text(p: Path) -> bool:
+    """Plain UTF-8 text with no NUL byte in its first 4 KiB (README, notes), never a DICOM preamble."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4096)
+        if not head or b"\x00" in head:
+            return False
+        head.decode("utf-8")
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _sop_class(ds: Any) -> str:
+    uid = ds.get("SOPClassUID", None) or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return str(uid or "")
+
+
+def _scan_folder(folder: Path) -> tuple[list[_Slice], list[_Leftover]]:
     """Read the headers of every DICOM image file directly in ``folder`` (not recursive).
 
-    Returns the image slices and a list of notes about entries that were skipped.
+    Returns the image slices and the other files (judged later by :func:`_check_leftovers`).
     """
     pydicom = _pydicom()
     entries = sorted(folder.iterdir())
@@ -66,25 +102,26 @@ def _scan_folder(folder: Path) -> tuple[list[_Slice], list[str]]:
         )
     slices: list[_Slice] = []
     subdirs = [p.name for p in entries if p.is_dir()]
-    unreadable: list[str] = []
-    n_non_dicom = 0
-    n_non_image = 0
+    others: list[_Leftover] = []
     for p in entries:
         if not p.is_file():
             continue
         try:
             if not pydicom.misc.is_dicom(p):  # needs the DICM preamble (DICOM Part 10 files)
-                n_non_dicom += 1
+                others.append(_Leftover(p, "not-dicom"))
                 continue
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception as e:  # unreadable/corrupt header: note it, keep going with the rest
-            unreadable.append(f"{p.name} ({type(e).__name__}: {e})")
+        except Exception as e:  # unreadable/corrupt header
+            others.append(_Leftover(p, "unreadable", f"{type(e).__name__}: {e}"))
             continue
-        if "Rows" not in ds or "Columns" not in ds:  # DICOMDIR, structured reports, RT structs...
-            n_non_image += 1
+        if "Rows" not in ds or "Columns" not in ds:  # DICOMDIR, structured reports... or a truncated slice
+            others.append(_Leftover(p, "no-image", sop_class=_sop_class(ds)))
             continue
         slices.append(_Slice(p, ds))
     if not slices:
+        n_non_dicom = sum(o.kind == "not-dicom" for o in others)
+        n_non_image = sum(o.kind == "no-image" for o in others)
+        unreadable = [f"{o.path.name} ({o.detail})" for o in others if o.kind == "unreadable"]
         notes = [f"{n_non_dicom} non-DICOM file(s)"] if n_non_dicom else []
         if n_non_image:
             notes.append(f"{n_non_image} DICOM file(s) without an image")
@@ -96,7 +133,52 @@ def _scan_folder(folder: Path) -> tuple[list[_Slice], list[str]]:
             f"No DICOM image files found in {folder} ({'; '.join(notes) or 'nothing usable'}). "
             "Pass a folder holding the DICOM files of one series, or a .nii/.nii.gz file."
         )
-    return slices, unreadable
+    return slices, others
+
+
+def _check_leftovers(folder: Path, sl: list[_Slice], others: list[_Leftover]) -> list[str]:
+    """Refuse files that look like damaged slices of the series; return notes on ignored files.
+
+    A slice lost from the END of a series leaves no gap in the positions, so it must be caught here:
+    - a DICOM Part-10 file (DICM marker) whose header cannot be read, or that has no image although
+      its SOP class is that of the series' slices (or is missing): a truncated or damaged slice;
+    - a file without the DICM marker that is named like the slices (same extension, or none) and is
+      not plain text: a slice truncated before its marker (e.g. to 100 bytes) or not DICOM at all.
+    Ignored (listed in the returned notes): hidden files, plain-text files, files with another
+    extension than the slices (README.txt, a .nii.gz), and DICOM files of other SOP classes
+    (DICOMDIR, reports, RT structures).
+    """
+    kinds = {_name_kind(s.path.name) for s in sl}
+    classes = {_sop_class(s.ds) for s in sl}
+    damaged: list[str] = []
+    ignored: list[str] = []
+    for o in others:
+        if o.kind == "unreadable":
+            damaged.append(f"{o.path.name}: has the DICOM marker but its header cannot be read ({o.detail})")
+        elif o.kind == "no-image":
+            if not o.sop_class or o.sop_class in classes:
+                damaged.append(
+                    f"{o.path.name}: a DICOM file of the series' type "
+                    f"({o.sop_class or 'SOP class missing'}) without image data (truncated?)"
+                )
+            else:
+                ignored.append(f"{o.path.name} (DICOM {o.sop_class}, no image)")
+        elif o.path.name.startswith(".") or _is_text(o.path) or _name_kind(o.path.name) not in kinds:
+            ignored.append(o.path.name)
+        else:
+            size = o.path.stat().st_size
+            damaged.append(
+                f"{o.path.name}: named like the slices but not a readable DICOM file ({size} bytes, no "
+                "DICM marker; truncated?)"
+            )
+    if damaged:
+        raise VolumeLoadError(
+            f"{len(damaged)} file(s) in {folder} look like slices of the series but cannot be read: "
+            f"{'; '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}. Loading the rest would silently "
+            "drop slices (a lost end slice leaves no gap). Restore the file(s) from the source (copy or "
+            "export again), or move them out of the folder if they do not belong to the series."
+        )
+    return [f"ignored {len(ignored)} file(s) that are not slices of the series: {', '.join(ignored[:5])}"] if ignored else []
 
 
 def _series_uid(ds: Any) -> str:
@@ -181,8 +263,15 @@ def _check_series(folder: Path, sl: list[_Slice], allow_non_ct: bool) -> None:
         )
 
 
-def _geometry(folder: Path, sl: list[_Slice]) -> tuple[list[_Slice], np.ndarray]:
-    """Sort the slices along the normal, validate spacing, return (sorted slices, RAS affine)."""
+def _geometry(folder: Path, sl: list[_Slice], notes: list[str]) -> tuple[list[_Slice], np.ndarray]:
+    """Sort the slices along the normal, validate spacing, return (sorted slices, RAS affine).
+
+    Spacing: steps along the normal may differ from their median by ``STEP_REL_TOL`` of it (a larger
+    step is a gap: refused, naming the missing slices); the slice origins are then fitted by a
+    least-squares line (index -> LPS mm), which gives the affine's step and origin, and every origin
+    must lie within ``FIT_REL_TOL`` of the step from that line (rounded positions do; an in-plane
+    jump does not). Deviations above the old exact-grid tolerance are appended to ``notes``.
+    """
     iop0 = _floats(sl[0].ds, "ImageOrientationPatient", 6, sl[0].path)
     ps0 = _floats(sl[0].ds, "PixelSpacing", 2, sl[0].path)
     for s in sl[1:]:
@@ -222,7 +311,7 @@ def _geometry(folder: Path, sl: list[_Slice]) -> tuple[list[_Slice], np.ndarray]
             "may mix several acquisitions or reconstructions with one SeriesInstanceUID; keep one of them."
         )
     nominal = float(np.median(steps))
-    tol = max(ABS_TOL_MM, REL_TOL * nominal)
+    tol = max(ABS_TOL_MM, STEP_REL_TOL * nominal)
     bad = np.flatnonzero(np.abs(steps - nominal) > tol)
     if bad.size:
         msgs = []
@@ -242,21 +331,34 @@ def _geometry(folder: Path, sl: list[_Slice]) -> tuple[list[_Slice], np.ndarray]
             "restore the missing files, or resample the series to a regular grid and pass a NIfTI file."
         )
     n = len(sl)
-    step_vec = (pos[-1] - pos[0]) / (n - 1)
-    # every slice origin must lie on the line pos0 + k*step_vec (catches in-plane shifts between slices)
-    dev = np.linalg.norm(pos - (pos[0] + np.arange(n)[:, None] * step_vec), axis=1)
-    if dev.max() > tol:
+    # Least-squares line through the slice origins, pos_k = origin + k * step_vec (each coordinate):
+    # positions written with few decimals (0.62/0.63 mm steps for 0.625 mm slices) scatter around it;
+    # the fitted step and origin average that rounding out instead of trusting two slices.
+    design = np.stack([np.ones(n), np.arange(n, dtype=np.float64)], axis=1)
+    (origin, step_vec), *_ = np.linalg.lstsq(design, pos, rcond=None)
+    dev = np.linalg.norm(pos - (origin + np.arange(n)[:, None] * step_vec), axis=1)
+    fit_tol = max(ABS_TOL_MM, FIT_REL_TOL * nominal)
+    if dev.max() > fit_tol:
         k = int(dev.argmax())
         raise VolumeLoadError(
             f"Slice origins in {folder} do not lie on a straight line: {sl[k].path.name} is off by "
-            f"{dev[k]:.3f} mm. The series is not a regular 3D grid; resample it and pass a NIfTI file."
+            f"{dev[k]:.3f} mm ({100 * dev[k] / nominal:.1f} % of the {nominal:.3f} mm step; up to "
+            f"{100 * FIT_REL_TOL:.0f} % is taken as rounding). The series is not a regular 3D grid; resample "
+            "it and pass a NIfTI file."
+        )
+    if dev.max() > max(ABS_TOL_MM, REL_TOL * nominal):
+        k = int(dev.argmax())
+        notes.append(
+            f"slice positions deviate from a straight line by up to {dev[k]:.3f} mm ({sl[k].path.name}; "
+            f"{100 * dev[k] / nominal:.1f} % of the step): the least-squares step "
+            f"{float(np.linalg.norm(step_vec)):.4f} mm and origin are used"
         )
     # step_vec may be oblique to the normal (gantry tilt): the affine is then sheared, as with ITK.
     lps = np.eye(4)
     lps[:3, 0] = row_cos * ps0[1]  # along a row = increasing column index i; PixelSpacing = [row, col] spacing
     lps[:3, 1] = col_cos * ps0[0]
     lps[:3, 2] = step_vec
-    lps[:3, 3] = pos[0]
+    lps[:3, 3] = origin
     return sl, LPS_TO_RAS @ lps
 
 
@@ -294,15 +396,13 @@ def read_dicom_series(
     modality's rescaled units (HU for CT), the 4x4 RAS affine, and a small de-identified meta dict
     (SeriesInstanceUID, Modality, slice step and thickness; never patient tags).
     """
-    slices, unreadable = _scan_folder(folder)
-    if unreadable:  # may be slices of this series; a gap check catches inner ones, not end slices
-        warnings.warn(
-            f"Skipped {len(unreadable)} unreadable DICOM file(s) in {folder}: {'; '.join(unreadable[:3])}",
-            stacklevel=3,
-        )
+    slices, others = _scan_folder(folder)
     uid, sl = _select_series(folder, slices, series_uid)
+    notes = _check_leftovers(folder, sl, others)
     _check_series(folder, sl, allow_non_ct)
-    sl, affine = _geometry(folder, sl)
+    sl, affine = _geometry(folder, sl, notes)
+    for note in notes:
+        warnings.warn(f"{folder}: {note}", stacklevel=3)
     rows, cols = int(sl[0].ds.Rows), int(sl[0].ds.Columns)
     vol = np.empty((cols, rows, len(sl)), dtype=np.float32)
     for k, s in enumerate(sl):
@@ -312,6 +412,7 @@ def read_dicom_series(
         "Modality": str(sl[0].ds.get("Modality", "") or ""),
         "slice_step_mm": float(np.linalg.norm(affine[:3, 2])),
         "n_slices": len(sl),
+        "load_notes": list(notes),
     }
     thickness = sl[0].ds.get("SliceThickness", None)
     try:
