@@ -69,6 +69,7 @@ def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, An
         "class_names": None,
         "logits": None,
         "probabilities": None,
+        "outside_scan_fraction": None,
     }
     row.update(values)
     return row
@@ -132,6 +133,7 @@ def _explain_case(
                     class_names=list(expl.class_names),
                     logits=[round(float(v), 6) for v in expl.logits.reshape(-1)],
                     probabilities=[round(float(v), 6) for v in expl.probabilities.reshape(-1)],
+                    outside_scan_fraction=_fractions(expl),
                 )
             )
         write_marker(
@@ -152,6 +154,27 @@ def _explain_case(
         except OSError:
             pass
         return _failed_rows(case, out_root, cfg, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+
+
+def _fractions(expl: Any) -> list[float] | None:
+    frac = getattr(expl, "outside_scan_fraction", None)
+    return None if frac is None else [round(float(v), 4) for v in frac.reshape(-1)]
+
+
+def outside_scan_notes(case_id: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per explained class whose map had a noticeable share of its mass outside the scan."""
+    from medcam3d.spatial.coverage import NOTICEABLE_OUTSIDE_FRACTION
+
+    lines = []
+    for r in rows:
+        for name, f in zip(r.get("class_names") or [], r.get("outside_scan_fraction") or []):
+            if f is not None and f >= NOTICEABLE_OUTSIDE_FRACTION:
+                lines.append(
+                    f"medcam3d: case {case_id} ({r['method']}): {100 * f:.0f}% of the positive map mass of "
+                    f"{name!r} lies outside the scan on the model's grid (padding or beyond the field of "
+                    "view); the saved maps cannot show it (manifest column outside_scan_fraction)."
+                )
+    return lines
 
 
 def resolve_device(requested: str | None, cfg: RunConfig, d: dist.Dist) -> str:
@@ -216,6 +239,9 @@ def run_explain(opts: ExplainOptions) -> Summary:
                               file=sys.stderr)
             else:
                 summary.done += 1
+                if not opts.quiet:
+                    for line in outside_scan_notes(loaded.case.case_id, rows):
+                        bar.write(line, file=sys.stderr)
             bar.update(1)
         bar.close()
         writer.close()

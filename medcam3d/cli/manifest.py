@@ -23,6 +23,7 @@ COLUMNS = (
     "class_names",
     "logits",
     "probabilities",
+    "outside_scan_fraction",
 )
 FORMATS = ("csv", "jsonl", "both")
 
@@ -69,7 +70,8 @@ def _csv_value(value: Any) -> Any:
 def write_manifest(rows: list[dict[str, Any]], out_dir: Path, fmt: str) -> list[Path]:
     """Write the final manifest(s) sorted by (case_index, method order kept); returns the paths.
 
-    CSV cells holding lists (outputs, class names, logits, probabilities) are ';'-joined.
+    CSV cells holding lists (outputs, class names, logits, probabilities, outside_scan_fraction: per
+    class the share of the positive map mass that lay outside the scan on the model grid) are ';'-joined.
     """
     rows = sorted(rows, key=lambda r: r.get("case_index", 0))
     written = []

@@ -2,10 +2,12 @@
 
 Public API: :func:`explain_volume` (scan in, :class:`Explanation` on the scan's grid out),
 :func:`build_preprocessing` (config or transforms -> checked Compose), :func:`model_input` (what the
-model sees) and :func:`maps_to_volume` (model-grid maps -> scan grid, through MONAI's inverses).
+model sees) and :func:`maps_to_volume` (model-grid maps -> scan grid, through MONAI's inverses); :func:`outside_scan_fraction` (map mass
+the inverse cannot place because it lies outside the scan).
 """
 
 from medcam3d.spatial.config import AboveThreshold
+from medcam3d.spatial.coverage import outside_scan_fraction, scan_coverage
 from medcam3d.spatial.explain import explain_volume
 from medcam3d.spatial.explanation import Explanation
 from medcam3d.spatial.inverse import maps_to_volume
@@ -20,4 +22,6 @@ __all__ = [
     "explain_volume",
     "maps_to_volume",
     "model_input",
+    "outside_scan_fraction",
+    "scan_coverage",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 
 from medcam3d.engine import make_cam
 from medcam3d.errors import InputError
+from medcam3d.spatial.coverage import outside_scan_fraction
 from medcam3d.spatial.explanation import Explanation
 from medcam3d.spatial.inverse import maps_to_volume
 from medcam3d.spatial.preprocess import build_preprocessing, model_input
@@ -113,6 +114,7 @@ def explain_volume(
     names = _names(class_names, int(outputs.shape[0]), idx.tolist())
     probs = torch.sigmoid(outputs) if activation == "sigmoid" else torch.softmax(outputs, dim=0)
     model_maps = res.maps[0].detach().to("cpu", torch.float32)
+    outside = outside_scan_fraction(model_maps, x, vol)  # measured before the inverse drops it
     maps = maps_to_volume(model_maps, x, compose, vol)
     t3 = time.perf_counter()
     return Explanation(
@@ -125,6 +127,7 @@ def explain_volume(
         target_layer=res.target_layer,
         raw=res.raw[0].detach().cpu().float(),
         activation=activation,
+        outside_scan_fraction=outside,
         extra={
             "model_maps": model_maps,
             "model_affine": torch.as_tensor(x.affine, dtype=torch.float64).clone(),

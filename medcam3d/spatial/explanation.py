@@ -25,6 +25,10 @@ class Explanation:
         raw: (K, *feature_spatial) signed float32 map before ReLU and upsampling (model space).
         activation: ``"sigmoid"`` or ``"softmax"``.
         extra: free-form provenance (preprocessing summary, timings...).
+        outside_scan_fraction: (K,) float32 in [0, 1], per class the fraction of the map's positive
+            mass that lay, on the model input's grid, outside the scan's field of view (padding added
+            by preprocessing, or space beyond the volume); ``maps`` cannot show that mass. See
+            :mod:`medcam3d.spatial.coverage`. None when not measured (an Explanation built by hand).
     """
 
     maps: Any  # monai.data.MetaTensor; typed loosely so importing this module stays cheap
@@ -37,6 +41,7 @@ class Explanation:
     raw: torch.Tensor
     activation: str = "sigmoid"
     extra: dict[str, Any] = field(default_factory=dict)
+    outside_scan_fraction: torch.Tensor | None = None
 
     @property
     def affine(self) -> torch.Tensor:
