@@ -62,6 +62,20 @@ def write_scan(path: Path, shape: tuple[int, int, int] = (20, 18, 10), seed: int
     return path
 
 
+def write_mask(path: Path, shape: tuple[int, int, int], box: tuple[slice, slice, slice],
+               affine: np.ndarray | None = None) -> Path:
+    """A uint8 {0,1} mask with ``box`` set, on the scans' grid (``AFFINE``) unless told otherwise."""
+    m = np.zeros(shape, np.uint8)
+    m[box] = 1
+    aff = AFFINE if affine is None else affine
+    img = nib.Nifti1Image(m, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
 def write_checkpoint(path: Path, out_channels: int = 2, wrap: str | None = None) -> Path:
     torch.manual_seed(1)
     state = TinyNet(out_channels=out_channels).state_dict()
@@ -96,3 +110,26 @@ def write_config(folder: Path, name: str = "run.yaml", **overrides: Any) -> Path
     path = folder / name
     path.write_text(yaml.safe_dump(config_dict(**overrides), sort_keys=False))
     return path
+
+
+class BoxNet(nn.Module):
+    """Known evidence: class 0 = (voxels in ``box``) / (all voxels) (evidence only inside the box, equal
+    everywhere in it); class 1 = ``bias1`` - that score (all evidence negative: its HiResCAM map is
+    empty and the logit comes from the bias). Input grid = feature grid (1x1x1 conv)."""
+
+    def __init__(self, shape: list[int], box: list[list[int]], bias1: float = 2.0) -> None:
+        super().__init__()
+        self.features = nn.Conv3d(1, 1, 1)
+        mask = torch.zeros(1, 1, *shape)
+        mask[(0, 0, *[slice(a, b) for a, b in box])] = 1.0
+        self.register_buffer("mask", mask)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.features.weight.zero_()
+            self.features.bias.fill_(1.0)
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, bias1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.features(x)) * self.mask
+        return self.head(a.mean(dim=(2, 3, 4)).reshape(x.shape[0], 1))

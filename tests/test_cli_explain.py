@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers_models import AFFINE, write_config, write_scan
+from helpers_models import AFFINE, write_config, write_mask, write_scan
 from medcam3d.cli.inputs import collect_cases
 from medcam3d.cli.main import main
 
@@ -122,13 +122,14 @@ def test_folder_csv_and_workers(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # CSV input: relative paths, case ids and masks from the CSV (ids sanitised, duplicates suffixed)
     table = tmp_path / "cases.csv"
-    table.write_text("path,case_id,mask\nin/a.nii.gz,../evil id,\nin/b.nii,../evil id,in/b.nii\n")
+    write_mask(tmp_path / "masks" / "b_mask.nii.gz", (20, 18, 10), (slice(8, 13), slice(7, 12), slice(3, 8)))
+    table.write_text("path,case_id,mask\nin/a.nii.gz,../evil id,\nin/b.nii,../evil id,masks/b_mask.nii.gz\n")
     out2 = tmp_path / "out2"
     assert _run("--config", cfg, "--input", table, "--output", out2, "--quiet", "--manifest", "jsonl") == 0
     rows = [json.loads(line) for line in (out2 / "manifest.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows][::2] == ["evil_id", "evil_id-2"]
-    assert rows[2]["mask"] == str(tmp_path / "in" / "b.nii")
-    assert sorted(p.name for p in out2.iterdir()) == ["evil_id", "evil_id-2", "manifest.jsonl"]
+    assert rows[2]["mask"] == str(tmp_path / "masks" / "b_mask.nii.gz")
+    assert sorted(p.name for p in out2.iterdir()) == ["evil_id", "evil_id-2", "manifest.jsonl", "summary.csv"]
 
 
 def test_dicom_folder_and_identifiers(tmp_path):

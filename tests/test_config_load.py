@@ -118,9 +118,10 @@ def test_no_checkpoint_needs_allow_random_weights(tmp_path, capsys):
     cfg = config_dict(checkpoint=None)
     msg = _error(cfg)
     assert msg.startswith("model.checkpoint: no checkpoint given") and "--allow-random-weights" in msg
-    with pytest.warns(UserWarning, match="RANDOM weights"):
+    from medcam3d.config.models import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning, match="RANDOM weights"):  # a UserWarning subclass
         run = load_run_config(cfg, allow_random_weights=True)
-    assert "RANDOM weights" in capsys.readouterr().err
     assert run.random_weights and run.checkpoint is None
     # seeded: every process (torchrun rank) builds the same untrained model
     with pytest.warns(UserWarning):

@@ -65,3 +65,32 @@ def peak_vs_lesion(map_path: str | os.PathLike[str], mask_path: str | os.PathLik
     mijk = np.rint(np.linalg.solve(msk.affine, np.r_[peak, 1.0])[:3]).astype(int)
     inside = bool(all(0 <= v < n for v, n in zip(mijk, m.shape)) and m[tuple(mijk)])
     return PeakReport(tuple(float(v) for v in peak), dist, inside)  # type: ignore[arg-type]
+
+
+def lesion_extent_mm(mask_path: str | os.PathLike[str]) -> tuple[int, list[float], list[float], list[float]]:
+    """(voxels, centre of mass, lowest corner, highest corner) of a binary NIfTI mask, world RAS mm."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(mask_path))
+    ijk = np.argwhere(np.asarray(img.dataobj) > 0).astype(np.float64)
+    xyz = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+    return len(ijk), xyz.mean(0).tolist(), xyz.min(0).tolist(), xyz.max(0).tolist()
+
+
+def open_hint(assets: DemoAssets, rows: list[dict[str, Any]], out: Path) -> str:
+    """Where the lesions are and the exact ``medcam3d view`` command for the HiResCAM maps written."""
+    import shlex
+
+    lines = ["Lesions planted in the demo scan (world RAS mm):"]
+    for name, mask in assets.lesion_masks.items():
+        n, c, lo, hi = lesion_extent_mm(mask)
+        span = ", ".join(f"{a} {u:.0f}..{v:.0f}" for a, u, v in zip("xyz", lo, hi))
+        lines.append(f"  {name}: {n} voxels, {span}; centre of mass ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}); "
+                     f"mask {mask}")
+    maps = [str(out / f) for r in rows if r.get("status") == "ok" and r.get("method") == "hirescam"
+            for f in r.get("outputs") or [] if f.endswith(".nii.gz")]
+    if maps:
+        cmd = " ".join(shlex.quote(str(p)) for p in [assets.scans[0], *maps])
+        lines.append(f"Open them with: medcam3d view {cmd}")
+    return "\n".join(lines)

@@ -21,6 +21,8 @@ from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
 from medcam3d.cli.loading import LoadedCase, iter_loaded
 from medcam3d.cli.manifest import PartWriter, merge_parts, part_path
 from medcam3d.cli.resume import case_hash, is_done, remove_previous, write_marker
+from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
+from medcam3d.cli.scoring import case_line, load_mask, row_extras, write_cohort_summary
 from medcam3d.config import RunConfig, load_run_config
 
 
@@ -70,6 +72,7 @@ def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, An
         "logits": None,
         "probabilities": None,
         "outside_scan_fraction": None,
+        **{k: None for k in SCORING_COLUMNS},
     }
     row.update(values)
     return row
@@ -100,6 +103,7 @@ def _explain_case(
     try:
         case_dir.mkdir(parents=True, exist_ok=True)
         remove_previous(case_dir)
+        mask = load_mask(case.mask, loaded.volume) if case.mask else None  # bad mask: case fails
         for method in cfg.methods:
             t0 = time.perf_counter()
             expl = explain_volume(
@@ -134,6 +138,7 @@ def _explain_case(
                     logits=[round(float(v), 6) for v in expl.logits.reshape(-1)],
                     probabilities=[round(float(v), 6) for v in expl.probabilities.reshape(-1)],
                     outside_scan_fraction=_fractions(expl),
+                    **row_extras(expl, mask),
                 )
             )
         write_marker(
@@ -240,6 +245,7 @@ def run_explain(opts: ExplainOptions) -> Summary:
             else:
                 summary.done += 1
                 if not opts.quiet:
+                    bar.write("medcam3d: " + case_line(loaded.case.case_id, rows), file=sys.stdout)
                     for line in outside_scan_notes(loaded.case.case_id, rows):
                         bar.write(line, file=sys.stderr)
             bar.update(1)
@@ -248,6 +254,9 @@ def run_explain(opts: ExplainOptions) -> Summary:
         dist.barrier(d)
         if d.is_main:
             rows, summary.manifests = merge_parts(out_root, d.world_size, opts.manifest)
+            cohort = write_cohort_summary(rows, out_root)  # scores vs masks: mean, median, 95% CI
+            if cohort is not None:
+                summary.manifests.append(cohort)
             summary.rows = rows
             by_case: dict[int, set[str]] = {}
             for r in rows:

@@ -2,7 +2,8 @@
 
 Accepted inputs: NIfTI files, DICOM series folders, a folder of them (one level: ``*.nii``/
 ``*.nii.gz`` files and subfolders that hold DICOM files), or a CSV with a ``path`` column (optional
-``case_id`` and ``mask`` columns; relative paths are relative to the CSV's folder). Case ids come
+``case_id`` and ``mask`` columns; relative paths are relative to the CSV's folder). In a folder,
+label images are not cases: they are paired with their scan by name (:mod:`medcam3d.cli.pairing`). Case ids come
 from file/folder names or the CSV, never from DICOM patient fields unless ``keep_identifiers``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +90,14 @@ def _expand(arg: Path) -> list[tuple[Path, str | None, Path | None]]:
                 f"--input: {str(arg)!r} holds no DICOM files, no .nii/.nii.gz files and no DICOM "
                 "subfolders (only one level is searched)"
             )
-        return [(p, None, None) for p in found]
+        from medcam3d.cli.pairing import pair_folder
+
+        pairs, messages = pair_folder(found)  # label images become masks or are skipped
+        for message in messages:
+            print(f"medcam3d: {message}", file=sys.stderr)
+        if not pairs:
+            raise InputError(f"--input: {str(arg)!r} holds only label images (masks), no scans")
+        return [(p, None, mask) for p, mask in pairs]
     if arg.suffix.lower() == ".csv":
         return _read_csv(arg)
     return [(arg, None, None)]  # a NIfTI or anything else: load_volume judges it per case

@@ -28,11 +28,13 @@ class LoadedCase:
 
 def load_case(case: Case) -> LoadedCase:
     """Load one case with medcam3d.load_volume, turning any exception into an error record."""
+    from medcam3d.cli.scoring import refuse_label_image
     from medcam3d.io import load_volume
 
     start = time.perf_counter()
     try:
         volume = load_volume(case.path)
+        refuse_label_image(volume, case.path)
         return LoadedCase(case, volume, None, time.perf_counter() - start)
     except Exception as exc:  # a bad case must not stop the run
         return LoadedCase(case, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)

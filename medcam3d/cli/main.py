@@ -7,8 +7,10 @@ Exit codes: 0 every case ok (or skipped), 1 at least one case failed, 2 usage or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from medcam3d.errors import Medcam3dError
@@ -161,8 +163,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             where = "inside the lesion" if rep.inside else f"{rep.distance_mm:.1f} mm from the lesion"
             print(f"    {name}: map peak at ({rep.peak_mm[0]:.1f}, {rep.peak_mm[1]:.1f}, "
                   f"{rep.peak_mm[2]:.1f}) mm RAS, {where}; file {nii}")
-    print(f"Open them with: medcam3d view {assets.scans[0]} {out}/<case>/<map>.nii.gz")
+    from medcam3d.cli.demo import open_hint
+
+    print(open_hint(assets, summary.rows, out))
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """medcam3d's own warnings (their text starts with 'medcam3d:') print as their message only."""
+    original = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):  # noqa: ANN001
+        text = str(message)
+        return text + "\n" if text.startswith("medcam3d:") else original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     handlers = {"explain": _cmd_explain, "view": _cmd_view, "demo": _cmd_demo}
     try:
-        return handlers[args.command](args)
+        with _one_line_warnings():
+            return handlers[args.command](args)
     except Medcam3dError as exc:
         print(f"medcam3d {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
+
 COLUMNS = (
     "case_index",
     "case_id",
@@ -24,6 +26,7 @@ COLUMNS = (
     "logits",
     "probabilities",
     "outside_scan_fraction",
+    *SCORING_COLUMNS,  # per-class peaks, empty-map flags, scores against the case's mask
 )
 FORMATS = ("csv", "jsonl", "both")
 
@@ -63,7 +66,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _csv_value(value: Any) -> Any:
     if isinstance(value, list):
-        return ";".join(str(v) for v in value)
+        return ";".join(" ".join(map(str, v)) if isinstance(v, list) else ("" if v is None else str(v))
+                        for v in value)
     return "" if value is None else value
 
 

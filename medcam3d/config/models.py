@@ -245,13 +245,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
 
 
 def warn_random_weights(label: str) -> None:
-    """Say loudly (warning + a stderr line) that a model runs with random weights."""
+    """Say loudly that a model runs with random weights: one ``RandomWeightsWarning``, which the
+    command line prints as one stderr line and the napari widget shows as a notification."""
     message = (
         f"medcam3d: WARNING: {label} has RANDOM weights (no checkpoint); its explanations are "
         "meaningless except for testing the pipeline."
     )
-    warnings.warn(message, UserWarning, stacklevel=3)
-    print(message, file=sys.stderr, flush=True)
+    warnings.warn(message, RandomWeightsWarning, stacklevel=3)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built without a checkpoint (``allow_random_weights``)."""
 
 
 def build_model(

@@ -303,7 +303,7 @@ def class_records(expl: Any, names: list[str]) -> list[dict[str, Any]]:
             return None
 
     idx = getattr(expl, "class_idx", None)
-    return [
+    records = [
         {
             "name": str(nm),
             "index": (int(_to_numpy(idx).reshape(-1)[i]) if idx is not None else i),
@@ -312,6 +312,25 @@ def class_records(expl: Any, names: list[str]) -> list[dict[str, Any]]:
         }
         for i, nm in enumerate(names)
     ]
+    for i, rec in enumerate(records):
+        rec.update(_evidence(expl, i, rec["logit"]))
+    return records
+
+
+def _evidence(expl: Any, i: int, logit: float | None) -> dict[str, Any]:
+    """Evidence vs bias of class ``i`` (medcam3d.metrics.evidence); {} when raw/maps are missing."""
+    raw, maps = getattr(expl, "raw", None), getattr(expl, "maps", None)
+    if raw is None or maps is None or logit is None:
+        return {}
+    from medcam3d.metrics.evidence import evidence_balance
+
+    try:
+        bal = evidence_balance(_to_numpy(raw)[i], logit, _to_numpy(maps)[i])
+    except (IndexError, ValueError):
+        return {}
+    share = None if bal.bias_share != bal.bias_share else bal.bias_share  # NaN -> None (valid JSON)
+    return {"evidence_sum": bal.evidence_sum, "bias_part": bal.bias_part, "bias_share": share,
+            "no_positive_evidence": bal.no_positive_evidence, "flag": bal.flag()}
 
 
 def save_nifti(
@@ -390,7 +409,8 @@ def save_nifti(
     base = {"generator": "medcam3d", "method": method_raw, "target_layer": layer}
     items = []
     for i in range(k):
-        descrip = f"medcam3d {method} class={safe[i]} layer={layer}"
+        flag = classes[i].get("flag")
+        descrip = f"medcam3d {method} class={safe[i]}" + (f" {flag}" if flag else "") + f" layer={layer}"
         ext = {**base, "class": classes[i]}
         img = build_nifti(
             data[i], affine, qform_code=q, sform_code=s, descrip=descrip, intent_name=method, extension=ext,

@@ -4,11 +4,13 @@
   :func:`iou_at_threshold`
 - faithfulness: :func:`deletion_auc`, :func:`insertion_auc` (-> :class:`PerturbationCurve`)
 - sanity: :func:`spearman`, :func:`randomisation_sanity_check`
+- evidence vs bias of a score: :func:`evidence_balance` (empty maps flagged)
 
 Each function's docstring states its exact definition and edge cases. Bad input raises
 :class:`medcam3d.errors.InputError`.
 """
 
+from medcam3d.metrics.evidence import EvidenceBalance, evidence_balance
 from medcam3d.metrics.localisation import (
     fraction_inside_allowed,
     iou_at_threshold,
@@ -19,6 +21,8 @@ from medcam3d.metrics.perturbation import PerturbationCurve, deletion_auc, gauss
 from medcam3d.metrics.rank import randomisation_sanity_check, rankdata, spearman
 
 __all__ = [
+    "EvidenceBalance",
+    "evidence_balance",
     "PerturbationCurve",
     "deletion_auc",
     "fraction_inside_allowed",
