@@ -19,6 +19,7 @@ Two adjustments, both still MONAI machinery:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,8 +70,11 @@ def on_grid(maps: Any, affine: torch.Tensor, shape: tuple[int, ...]) -> Any:
         return resample(maps, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape)
 
 
-def maps_to_volume(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any, *, chunk: int = 4) -> Any:
-    """Map (K, *model_spatial) maps computed on ``x`` back onto ``volume``'s grid.
+def maps_to_volume_monai(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any, *, chunk: int = 4) -> Any:
+    """Map (K, *model_spatial) maps back onto ``volume``'s grid through MONAI's ``Compose.inverse``.
+
+    The reference path (every recorded step undone in turn, float64 resampling); used by
+    :func:`maps_to_volume` whenever the recorded preprocessing is not a chain it can compose exactly.
 
     Args:
         maps: (K, *model_spatial) tensor of non-negative maps on the model input's grid.
@@ -128,6 +132,68 @@ def maps_to_volume(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any, *, 
     return MetaTensor(
         out,
         affine=target_affine.clone(),
+        meta=meta,
+        applied_operations=copy.deepcopy(list(volume.applied_operations)),
+    )
+
+
+def iter_maps_to_volume(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any) -> Iterator[torch.Tensor]:
+    """Class by class, each (X, Y, Z) float32 map of ``maps`` (K, *model_spatial) on ``volume``'s grid.
+
+    One resampling per class through the composed preprocessing (:mod:`medcam3d.spatial.composed`)
+    on the maps' own device when the record allows it exactly; otherwise MONAI's ``Compose.inverse``
+    (:func:`maps_to_volume_monai`), one class at a time. Only one full-size map is alive per step.
+
+    Raises:
+        InputError: as :func:`maps_to_volume`.
+    """
+    from medcam3d.spatial.composed import composed_mapping, iter_resampled
+
+    spatial = tuple(x.shape[1:])
+    if maps.ndim != len(spatial) + 1 or tuple(maps.shape[1:]) != spatial:
+        raise InputError(
+            f"maps have shape {tuple(maps.shape)}; expected (K, {', '.join(map(str, spatial))}) to match "
+            "the model input."
+        )
+    maps = torch.as_tensor(maps).detach()
+    mapping = composed_mapping(x, preprocess, volume)
+    if mapping is not None:
+        yield from iter_resampled(maps, mapping)
+        return
+    for k in range(maps.shape[0]):
+        yield maps_to_volume_monai(maps[k : k + 1], x, preprocess, volume).as_tensor()[0]
+
+
+def maps_to_volume(maps: torch.Tensor, x: Any, preprocess: Any, volume: Any) -> Any:
+    """Map (K, *model_spatial) maps computed on ``x`` back onto ``volume``'s grid.
+
+    One composed resampling when the recorded preprocessing is a pure grid change (Orientation,
+    Spacing, crop, pad; see :mod:`medcam3d.spatial.composed`), else MONAI's ``Compose.inverse``; both
+    agree within interpolation error (tests/test_spatial_composed.py).
+
+    Args:
+        maps: (K, *model_spatial) tensor of non-negative maps on the model input's grid (any device).
+        x: the model input from :func:`medcam3d.spatial.model_input` (its record of operations).
+        preprocess: the SAME Compose object that produced ``x``.
+        volume: the MetaTensor (1, *spatial) that was preprocessed.
+
+    Returns:
+        MetaTensor (K, *volume_spatial), float32 on the CPU, >= 0, with ``volume``'s affine and a copy
+        of its meta.
+
+    Raises:
+        InputError: shapes do not match, or ``x`` was not produced by ``preprocess``.
+    """
+    from monai.data import MetaTensor
+
+    target_shape = tuple(int(s) for s in volume.shape[1:])
+    out = torch.empty((int(maps.shape[0]), *target_shape), dtype=torch.float32)
+    for k, m in enumerate(iter_maps_to_volume(maps, x, preprocess, volume)):
+        out[k] = m.to("cpu")
+    meta = copy.deepcopy({k: v for k, v in volume.meta.items() if k != "affine"})
+    return MetaTensor(
+        out,
+        affine=torch.as_tensor(volume.affine, dtype=torch.float64).clone(),
         meta=meta,
         applied_operations=copy.deepcopy(list(volume.applied_operations)),
     )

@@ -1,0 +1,199 @@
+"""Maps back onto the scan in ONE resampling: the recorded preprocessing composed into one mapping.
+
+Why: undoing the recorded steps one by one (``Compose.inverse``) resamples K full-size float64
+volumes per step. When every recorded step is a pure change of voxel grid that keeps world
+positions (reorientation, resampling to a spacing, crop, pad), the model grid and the scan grid are
+both described completely by their affines, and the whole inverse is one mapping
+
+    model index = inv(A_model) @ A_scan @ scan index,
+
+where ``A_model`` is the model input's affine (MONAI updates it at every such step) and ``A_scan``
+the scan's. Sampling the model-grid map there, trilinearly with zeros outside the model grid, is what
+``Compose.inverse`` computes up to interpolation error (it interpolates linearly at every step; a
+crop comes back as zeros).
+
+When the mapping is axis-aligned (each scan axis feeds exactly one model axis: any Orientation,
+Spacing, crop or pad of a scan, oblique ones included, because Spacing keeps the scan's directions),
+trilinear sampling is a product of three 1D linear interpolations, done axis by axis in float32 on
+the maps' device; the last axis is filled in slabs, so one class needs one full-size output plus a
+slab. Anything else (a step outside :data:`COMPOSABLE`, a record from a different Compose, a
+non-axis-aligned composition, lazy steps) returns ``None`` from :func:`composed_mapping` and the
+caller falls back to MONAI's inverse: never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# recorded operation class names whose inverse is a pure change of grid (world positions kept)
+COMPOSABLE = frozenset(
+    {
+        "Orientation",
+        "Spacing",
+        "SpatialResample",
+        "Flip",
+        "SpatialPad",
+        "BorderPad",
+        "DivisiblePad",
+        "SpatialCrop",
+        "CenterSpatialCrop",
+        "CropForeground",
+        "ResizeWithPadOrCrop",
+    }
+)
+# an off-axis coefficient moving a sample by less than this (model voxels) over the scan is round-off
+OFF_AXIS_TOL_VOXELS = 1e-3
+# elements per slab of the last interpolated axis (bounds the temporaries to ~2 x 64 MB in float32)
+_SLAB_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class AxisMapping:
+    """Model index along ``source_axis[c]`` = ``scale[c] * scan index along c + offset[c]``.
+
+    Attributes:
+        source_axis: for each scan axis c (0..2), the model axis it samples.
+        scale: model voxels per scan voxel along scan axis c (signed; float64).
+        offset: model index of scan index 0 along scan axis c (float64).
+        scan_shape: the scan's (X, Y, Z).
+    """
+
+    source_axis: tuple[int, ...]
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    scan_shape: tuple[int, ...]
+
+
+def _op_names(op: Any) -> Iterator[tuple[str, Any]]:
+    """(class name, op) of a recorded operation and of the operations nested in its extra_info."""
+    if not isinstance(op, dict):
+        return
+    yield str(op.get("class", "")), op
+    extra = op.get("extra_info")
+    if isinstance(extra, dict):
+        for value in extra.values():
+            if isinstance(value, dict) and "class" in value:
+                yield from _op_names(value)
+
+
+def composed_mapping(x: Any, preprocess: Any, volume: Any) -> AxisMapping | None:
+    """The scan-grid -> model-grid mapping of ``x`` as one axis-aligned affine, or None.
+
+    Args:
+        x: the model input MetaTensor (C, *model_spatial) from :func:`medcam3d.spatial.model_input`.
+        preprocess: the Compose that produced ``x`` (its transforms must be the recorded ones).
+        volume: the scan MetaTensor (1, X, Y, Z).
+
+    Returns:
+        :class:`AxisMapping`, or None when the record holds a step outside :data:`COMPOSABLE`, a
+        pending (lazy) step, a step of another Compose (the caller's MONAI inverse then raises), or
+        when the composition is not axis-aligned.
+    """
+    ops = list(getattr(x, "applied_operations", []))
+    transforms = list(getattr(preprocess, "transforms", []))
+    # a step records its own id, or its delegate's (Spacing records its SpatialResample)
+    ids = [{id(t), id(getattr(t, "sp_resample", t))} for t in transforms]
+    pos = 0
+    for op in ops:
+        if not isinstance(op, dict) or op.get("lazy"):
+            return None
+        # the recorded steps must be this Compose's transforms, in order
+        pos = next((i + 1 for i in range(pos, len(ids)) if op.get("id") in ids[i]), -1)
+        if pos < 0:
+            return None
+        for name, sub in _op_names(op):
+            if name not in COMPOSABLE or sub.get("lazy"):
+                return None
+    a_model = torch.as_tensor(x.affine, dtype=torch.float64).cpu()
+    a_scan = torch.as_tensor(volume.affine, dtype=torch.float64).cpu()
+    m = torch.linalg.solve(a_model, a_scan)  # scan index -> model index
+    scan_shape = tuple(int(s) for s in volume.shape[1:])
+    rank = len(scan_shape)
+    if m.shape != (rank + 1, rank + 1) or not bool(torch.isfinite(m).all()):
+        return None
+    lin = m[:rank, :rank]
+    source = [int(torch.argmax(lin[:, c].abs())) for c in range(rank)]
+    if sorted(source) != list(range(rank)):
+        return None
+    extent = torch.tensor([max(n - 1, 1) for n in scan_shape], dtype=torch.float64)
+    off = lin.abs() * extent[None, :]
+    for c, r in enumerate(source):
+        off[r, c] = 0.0
+    if float(off.sum(dim=1).max()) > OFF_AXIS_TOL_VOXELS:
+        return None
+    return AxisMapping(
+        source_axis=tuple(source),
+        scale=tuple(float(lin[r, c]) for c, r in enumerate(source)),
+        offset=tuple(float(m[r, rank]) for r in source),
+        scan_shape=scan_shape,
+    )
+
+
+def _taps(scale: float, offset: float, n_out: int, n_in: int, device: torch.device):
+    """Linear-interpolation taps (i0, i1, w0, w1) for samples at ``scale * j + offset``, j < n_out.
+
+    A tap outside 0..n_in-1 gets weight 0 (zeros outside the model grid, as grid_sample's
+    ``padding_mode="zeros"``). Coordinates are float64, weights float32.
+    """
+    coord = torch.arange(n_out, dtype=torch.float64, device=device) * scale + offset
+    i0 = torch.floor(coord)
+    w1 = coord - i0
+    i0 = i0.long()
+    i1 = i0 + 1
+    w0 = torch.where((i0 >= 0) & (i0 < n_in), 1.0 - w1, torch.zeros_like(w1))
+    w1 = torch.where((i1 >= 0) & (i1 < n_in), w1, torch.zeros_like(w1))
+    return i0.clamp(0, n_in - 1), i1.clamp(0, n_in - 1), w0.float(), w1.float()
+
+
+def _interp(t: torch.Tensor, axis: int, taps: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
+    i0, i1, w0, w1 = taps
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    a = torch.index_select(t, axis, i0, out=out) if out is not None else t.index_select(axis, i0)
+    a.mul_(w0.view(shape))
+    a.addcmul_(t.index_select(axis, i1), w1.view(shape))
+    return a
+
+
+def resample_one(model_map: torch.Tensor, mapping: AxisMapping) -> torch.Tensor:
+    """One (X', Y', Z') model-grid map -> (X, Y, Z) scan-grid map, float32, on its own device.
+
+    Trilinear (a product of 1D linear interpolations) at the model index of each scan voxel centre,
+    zeros outside the model grid. Peak memory: the output plus the intermediate with two axes done
+    plus one slab.
+    """
+    t = model_map.to(torch.float32).permute(*mapping.source_axis)  # axis c now runs along scan axis c
+    dev = t.device
+    rank = t.ndim
+    taps = [
+        _taps(mapping.scale[c], mapping.offset[c], mapping.scan_shape[c], int(t.shape[c]), dev)
+        for c in range(rank)
+    ]
+    # interpolate the least-magnified axes first; the last axis is written in slabs
+    order = sorted(range(rank), key=lambda c: mapping.scan_shape[c] / max(int(t.shape[c]), 1))
+    for c in order[:-1]:
+        t = _interp(t, c, taps[c])
+    last = order[-1]
+    out = torch.empty(mapping.scan_shape, dtype=torch.float32, device=dev)
+    slab_axis = order[0] if rank > 1 else last
+    per_index = max(1, out.numel() // max(out.shape[slab_axis], 1))
+    step = max(1, _SLAB_ELEMENTS // per_index)
+    for s in range(0, out.shape[slab_axis], step):
+        n = min(step, out.shape[slab_axis] - s)
+        src = t.narrow(slab_axis, s, n) if slab_axis != last else t
+        if slab_axis == last:  # rank 1: nothing to slab
+            out.copy_(_interp(src, last, taps[last]))
+            break
+        dst = out.narrow(slab_axis, s, n)
+        dst.copy_(_interp(src, last, taps[last]))
+    return out.clamp_(min=0)
+
+
+def iter_resampled(maps: torch.Tensor, mapping: AxisMapping) -> Iterator[torch.Tensor]:
+    """Class by class: each (X, Y, Z) float32 scan-grid map of ``maps`` (K, *model_spatial)."""
+    for k in range(maps.shape[0]):
+        yield resample_one(maps[k], mapping)
