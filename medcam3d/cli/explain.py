@@ -19,10 +19,10 @@ from typing import Any
 from medcam3d.cli import distributed as dist
 from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
 from medcam3d.cli.loading import LoadedCase, iter_loaded
-from medcam3d.cli.manifest import PartWriter, merge_parts, part_path
+from medcam3d.cli.manifest import STAGE_COLUMNS, PartWriter, merge_parts, part_path
 from medcam3d.cli.resume import case_hash, is_done, remove_previous, write_marker
 from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
-from medcam3d.cli.scoring import case_line, load_mask, row_extras, write_cohort_summary
+from medcam3d.cli.scoring import case_line, class_extras, load_mask, row_extras, write_cohort_summary
 from medcam3d.config import RunConfig, load_run_config
 
 
@@ -73,9 +73,42 @@ def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, An
         "probabilities": None,
         "outside_scan_fraction": None,
         **{k: None for k in SCORING_COLUMNS},
+        **{c: None for c in STAGE_COLUMNS},
+        "bytes_written": None,
     }
     row.update(values)
     return row
+
+
+class _StageTimer:
+    """Wraps a streamed Explanation for ``save_nifti``: times the resampling of each class (the
+    inverse stage) and, through :meth:`montage`, the montage work done while each map is at hand."""
+
+    def __init__(self, expl: Any) -> None:
+        self._expl = expl
+        self.inverse_s = 0.0
+        self.montage_s = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._expl, name)
+
+    def iter_maps(self) -> Any:
+        it = self._expl.iter_maps()
+        while True:
+            t = time.perf_counter()
+            try:
+                m = next(it)
+            except StopIteration:
+                return
+            self.inverse_s += time.perf_counter() - t
+            yield m
+
+    def montage(self, fn: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.montage_s += time.perf_counter() - t
 
 
 def _failed_rows(case: Case, out_root: Path, cfg: RunConfig, error: str, seconds: float) -> list[dict[str, Any]]:
@@ -91,6 +124,7 @@ def _explain_case(
     """Explain one loaded case with every method; on any error remove what it wrote."""
     from medcam3d.io import save_nifti
     from medcam3d.report import save_montage
+    from medcam3d.report.montage import map_panel
     from medcam3d.spatial import explain_volume
 
     case = loaded.case
@@ -104,7 +138,7 @@ def _explain_case(
         case_dir.mkdir(parents=True, exist_ok=True)
         remove_previous(case_dir)
         mask = load_mask(case.mask, loaded.volume) if case.mask else None  # bad mask: case fails
-        for method in cfg.methods:
+        for i, method in enumerate(cfg.methods):
             t0 = time.perf_counter()
             expl = explain_volume(
                 cfg.model,
@@ -117,28 +151,53 @@ def _explain_case(
                 activation=cfg.activation,
                 device=device,
                 amp=amp,
+                stream=True,
             )
+            timer = _StageTimer(expl)
+            panels: list[Any] = []
+            per_class: list[dict[str, Any]] = []
+            affine = expl.grid.affine
+
+            def on_map(k: int, m: Any) -> None:  # each scan-grid map once, while it is at hand
+                per_class.append(class_extras(m, affine, mask))
+                if cfg.output.montage:
+                    timer.montage(lambda: panels.append(map_panel(m, affine)))
+
             files = save_nifti(
-                expl, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
-                source_paths=[case.path],
+                timer, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
+                source_paths=[case.path], storage=cfg.output.storage, on_map=on_map,
             )
             written.extend(files)
             if cfg.output.montage:
                 png = case_dir / f"{case.case_id}_{method}_montage.png"
-                written.append(save_montage(loaded.volume, expl, png, cfg.output.window.limits,
-                                            title=f"{case.case_id} - {method}"))
+                written.append(timer.montage(lambda: save_montage(
+                    loaded.volume, expl, png, cfg.output.window.limits,
+                    title=f"{case.case_id} - {method}", panels=panels)))
                 files = [*files, png]
+            total = time.perf_counter() - t0
+            stages = {
+                "seconds_load": round(loaded.seconds if i == 0 else 0.0, 3),
+                "seconds_preprocess": round(expl.extra["seconds"]["preprocess"], 3),
+                "seconds_engine": round(expl.extra["seconds"]["engine"], 3),
+                "seconds_inverse": round(timer.inverse_s, 3),
+                "seconds_montage": round(timer.montage_s, 3),
+            }
+            # writing = what is left of this method's time (building and compressing the files)
+            stages["seconds_write"] = round(max(0.0, total - sum(v for k, v in stages.items()
+                                                                 if k != "seconds_load")), 3)
             rows.append(
                 _row(
                     case, out_root, method,
                     target_layer=expl.target_layer,
-                    seconds=round(time.perf_counter() - t0, 3),
+                    seconds=round(total, 3),
                     outputs=[str(p.relative_to(out_root)) for p in files],
                     class_names=list(expl.class_names),
                     logits=[round(float(v), 6) for v in expl.logits.reshape(-1)],
                     probabilities=[round(float(v), 6) for v in expl.probabilities.reshape(-1)],
                     outside_scan_fraction=_fractions(expl),
-                    **row_extras(expl, mask),
+                    **row_extras(expl, mask, per_class=per_class),
+                    bytes_written=sum(p.stat().st_size for p in files),
+                    **stages,
                 )
             )
         write_marker(

@@ -114,6 +114,21 @@ def _summary_line(summary, out: Path) -> str:
             f"outputs in {out}" + (f"; manifest: {manifests}" if manifests else ""))
 
 
+def _stages_line(rows: list[dict]) -> str | None:
+    """'where the time went' over the rows explained in this run (None when none were)."""
+    from medcam3d.cli.manifest import STAGE_COLUMNS
+
+    done = [r for r in rows if r.get("status") == "ok"]
+    totals = {c: sum(float(r.get(c) or 0.0) for r in done) for c in STAGE_COLUMNS}
+    whole = sum(totals.values())
+    if not done or whole <= 0:
+        return None
+    cases = len({r.get("case_index") for r in done})
+    parts = ", ".join(f"{c.removeprefix('seconds_')} {v:.1f} s ({100 * v / whole:.0f}%)" for c, v in totals.items())
+    mb = sum(int(r.get("bytes_written") or 0) for r in done) / 1e6
+    return f"medcam3d: time per stage over {cases} case(s): {parts}; {mb:.1f} MB written"
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from medcam3d.cli.explain import ExplainOptions, run_explain
 
@@ -129,6 +144,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     world = env_world()
     if world is None or world[0] == 0:
         print(_summary_line(summary, args.output.resolve()))
+        stages = _stages_line(summary.rows)
+        if stages and not args.quiet:
+            print(stages)
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

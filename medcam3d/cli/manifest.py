@@ -11,6 +11,16 @@ from typing import Any
 
 from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
 
+# seconds per stage of a case and method (seconds_load: the case's loading, on its first row only;
+# 0.0 on the others, so the column sums to the run's loading time)
+STAGE_COLUMNS = (
+    "seconds_load",
+    "seconds_preprocess",
+    "seconds_engine",
+    "seconds_inverse",
+    "seconds_write",
+    "seconds_montage",
+)
 COLUMNS = (
     "case_index",
     "case_id",
@@ -27,6 +37,8 @@ COLUMNS = (
     "probabilities",
     "outside_scan_fraction",
     *SCORING_COLUMNS,  # per-class peaks, empty-map flags, scores against the case's mask
+    *STAGE_COLUMNS,
+    "bytes_written",
 )
 FORMATS = ("csv", "jsonl", "both")
 

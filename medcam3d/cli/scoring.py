@@ -103,32 +103,48 @@ def _num(v: float | None, nd: int = 6) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), nd)
 
 
-def row_extras(expl: Any, mask: np.ndarray | None) -> dict[str, Any]:
-    """The :data:`COLUMNS` values of one case and method (lists in class order; scores None without a mask)."""
-    from medcam3d.io.export import class_records
+def class_extras(m: Any, affine: Any, mask: np.ndarray | None) -> dict[str, Any]:
+    """One class's share of :data:`COLUMNS`: its peak (world mm), whether any voxel is positive, and
+    with a mask its scores; ``m`` is the (X, Y, Z) map on the scan's grid (``affine``)."""
     from medcam3d.metrics import fraction_inside_allowed, mass_in_mask, pointing_game
     from medcam3d.models.evaluation import peak_distance_mm
 
-    maps = _np(expl.maps)
-    affine = _np(expl.maps.affine).astype(np.float64)
+    m = _np(m)
+    affine = _np(affine).astype(np.float64)
+    empty = not (m > 0).any()
+    out: dict[str, Any] = {"peak_mm": _peak_mm(m, affine), "positive": not empty}
+    if mask is None:
+        return out
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    out["pointing"] = None if empty else pointing_game(m, mask, spacing, POINTING_TOLERANCE_MM)
+    out["mass_in_mask"] = _num(mass_in_mask(m, mask))
+    out["inside_fraction"] = _num(fraction_inside_allowed(m, mask, 0.5))
+    out["peak_distance_mm"] = None if empty else _num(peak_distance_mm(m, mask, affine), 2)
+    return out
+
+
+def row_extras(expl: Any, mask: np.ndarray | None, per_class: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The :data:`COLUMNS` values of one case and method (lists in class order; scores None without a mask).
+
+    ``per_class``: the :func:`class_extras` of each class when already taken (a streamed
+    Explanation, whose maps are not held); otherwise taken from ``expl.maps``.
+    """
+    from medcam3d.io.export import class_records
+
+    if per_class is None:
+        per_class = [class_extras(m, expl.maps.affine, mask) for m in _np(expl.maps)]
+    else:
+        expl.extra["scan_map_positive"] = [pc["positive"] for pc in per_class]
     records = class_records(expl, list(expl.class_names))
     out: dict[str, Any] = {
-        "peak_mm": [_peak_mm(m, affine) for m in maps],
+        "peak_mm": [pc["peak_mm"] for pc in per_class],
         "flags": [f"{r['name']}: {r['flag']}" for r in records if r.get("flag")],
         "evidence_sum": [_num(r.get("evidence_sum")) for r in records],
         "bias_share": [_num(r.get("bias_share"), 4) for r in records],
     }
     if mask is None:
         return {**out, **{k: None for k in SCORES}}
-    scores: dict[str, list[Any]] = {k: [] for k in SCORES}
-    for m in maps:
-        empty = not (m > 0).any()
-        scores["pointing"].append(None if empty else pointing_game(m, mask, spacing, POINTING_TOLERANCE_MM))
-        scores["mass_in_mask"].append(_num(mass_in_mask(m, mask)))
-        scores["inside_fraction"].append(_num(fraction_inside_allowed(m, mask, 0.5)))
-        scores["peak_distance_mm"].append(None if empty else _num(peak_distance_mm(m, mask, affine), 2))
-    return {**out, **scores}
+    return {**out, **{k: [pc[k] for pc in per_class] for k in SCORES}}
 
 
 def case_line(case_id: str, rows: Sequence[dict[str, Any]], top: int = 3) -> str:

@@ -56,7 +56,8 @@ TOP_KEYS = (
     "amp",
 )
 MODEL_KEYS = ("name", "_target_", "kwargs", "checkpoint")
-OUTPUT_KEYS = ("four_d", "montage", "window")
+OUTPUT_KEYS = ("four_d", "montage", "window", "storage")
+STORAGES = ("float32", "uint16")  # as medcam3d.io.export.STORAGES (config does not import io)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class OutputOptions:
     four_d: bool = False  # also one 4D NIfTI with every class
     montage: bool = True  # PNG montage (axial/coronal/sagittal through each map's peak)
     window: Window = field(default_factory=lambda: WINDOWS["lung"])  # CT window of the montage
+    storage: str = "float32"  # NIfTI data type of the maps: float32 (exact) or uint16 (scl_slope)
 
 
 @dataclass
@@ -316,6 +318,12 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
                     opts[key] = output[key]
         if "window" in output:
             opts["window"] = copy.deepcopy(output["window"])
+        if "storage" in output:
+            if output["storage"] not in STORAGES:
+                errors.add(join("output", "storage"),
+                           f"expected one of {', '.join(STORAGES)}, got {describe(output['storage'])}")
+            elif output["storage"] != "float32":  # the default leaves the fingerprint unchanged
+                opts["storage"] = output["storage"]
     window = _parse_window(errors, opts["window"])
     out["output"] = opts
 
@@ -456,7 +464,8 @@ def load_run_config(
         activation=spec["activation"],
         class_idx=spec["class_idx"],
         output=OutputOptions(
-            four_d=spec["output"]["four_d"], montage=spec["output"]["montage"], window=window
+            four_d=spec["output"]["four_d"], montage=spec["output"]["montage"], window=window,
+            storage=spec["output"].get("storage", "float32"),
         ),
         device=spec["device"],
         amp=spec["amp"],

@@ -9,6 +9,7 @@ used through its object API with the Agg canvas, so no GUI backend is touched.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,33 @@ def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(vol, index, axis=axis)
 
 
+@dataclass
+class MapPanel:
+    """What the montage shows of one class: its peak (RAS-reoriented voxel index), the map's slice
+    through the peak for each view (rows = vertical axis) and its maximum."""
+
+    peak: tuple[int, ...]
+    slices: list[np.ndarray]
+    vmax: float
+
+
+def map_panel(m: Any, affine: np.ndarray) -> MapPanel:
+    """The :class:`MapPanel` of one (X, Y, Z) map on the grid of ``affine`` (keeps 3 slices, not the map)."""
+    (m_ras,), _ = to_ras([_numpy(m)], np.asarray(affine, dtype=np.float64))
+    vmax = float(m_ras.max())
+    peak = np.unravel_index(int(np.argmax(m_ras)), m_ras.shape) if vmax > 0 else tuple(s // 2 for s in m_ras.shape)
+    peak = tuple(int(p) for p in peak)
+    slices = [np.ascontiguousarray(_slice(m_ras, axis, peak[axis]).T) for _, axis, _, _ in _VIEWS]
+    return MapPanel(peak, slices, vmax)
+
+
 def save_montage(
     volume: Any,
     expl: Any,
     path: str | os.PathLike[str],
     window: tuple[float, float] = (-1350.0, 150.0),
     title: str | None = None,
+    panels: list[MapPanel] | None = None,
 ) -> Path:
     """Write the montage of ``expl`` (an Explanation on ``volume``'s grid) to ``path`` (PNG).
 
@@ -59,28 +81,29 @@ def save_montage(
             ``method``, ``target_layer``.
         window: (low, high) HU display range of the CT (e.g. ``WINDOWS["lung"].limits``).
         title: figure title (e.g. the case id).
+        panels: the classes' :class:`MapPanel` when already taken (e.g. while each map was written);
+            otherwise taken from ``expl.iter_maps()``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    affine = _numpy(getattr(expl.maps, "affine", None) if hasattr(expl.maps, "affine") else volume.affine)
-    affine = affine.astype(np.float64)
-    ct = _numpy(volume)[0]
-    maps = _numpy(expl.maps)
-    (ct, *maps_ras), spacing = to_ras([ct, *maps], affine)
+    maps = getattr(expl, "maps", None)
+    affine = _numpy(maps.affine if hasattr(maps, "affine") else volume.affine).astype(np.float64)
+    if panels is None:
+        panels = [map_panel(m, affine) for m in expl.iter_maps()]
+    (ct,), spacing = to_ras([_numpy(volume)[0]], affine)
     probs = _numpy(expl.probabilities).reshape(-1) if getattr(expl, "probabilities", None) is not None else None
-    n = len(maps_ras)
+    n = len(panels)
     fig = Figure(figsize=(11.5, 3.4 * n + 0.6), dpi=90)
     FigureCanvasAgg(fig)
     axes = fig.subplots(n, 3, squeeze=False)
-    for k, m in enumerate(maps_ras):
-        vmax = float(m.max())
-        peak = np.unravel_index(int(np.argmax(m)), m.shape) if vmax > 0 else tuple(s // 2 for s in m.shape)
+    for k, panel in enumerate(panels):
+        vmax, peak = panel.vmax, panel.peak
         image = None
         for col, (name, axis, (h, v), letters) in enumerate(_VIEWS):
             ax = axes[k, col]
             ct2 = _slice(ct, axis, peak[axis]).T  # rows = vertical axis
-            m2 = _slice(m, axis, peak[axis]).T
+            m2 = panel.slices[col]
             extent = (0.0, ct.shape[h] * spacing[h], 0.0, ct.shape[v] * spacing[v])
             ax.imshow(ct2, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
                       extent=extent, interpolation="nearest")

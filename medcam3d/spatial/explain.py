@@ -14,7 +14,7 @@ from medcam3d.engine import make_cam
 from medcam3d.errors import InputError
 from medcam3d.spatial.coverage import outside_scan_fraction
 from medcam3d.spatial.explanation import Explanation
-from medcam3d.spatial.inverse import maps_to_volume
+from medcam3d.spatial.inverse import iter_maps_to_volume, maps_to_volume
 from medcam3d.spatial.preprocess import build_preprocessing, model_input
 from medcam3d.spatial.volume import as_volume
 
@@ -70,6 +70,7 @@ def explain_volume(
     activation: str = "sigmoid",
     device: str | torch.device | None = None,
     amp: bool = False,
+    stream: bool = False,
 ) -> Explanation:
     """Explain ``model`` on one scan; the maps come back on the scan's own grid and affine.
 
@@ -84,6 +85,8 @@ def explain_volume(
         activation: "sigmoid" (multi-label) or "softmax" (over all N outputs) for ``probabilities``.
         device: where the model runs (the model is moved there); None: where its parameters are.
         amp: autocast (bf16 where supported, else fp16) on CUDA; ignored on CPU. Maps stay float32.
+        stream: do not hold the K scan-grid maps: ``maps`` is None and ``iter_maps()`` maps them
+            back one class at a time (on the model's device); ``grid`` is the scan.
 
     Returns:
         :class:`Explanation`; ``extra`` holds ``model_maps`` (K, *model_spatial) and ``model_affine``
@@ -113,9 +116,10 @@ def explain_volume(
     outputs = res.outputs[0].cpu()
     names = _names(class_names, int(outputs.shape[0]), idx.tolist())
     probs = torch.sigmoid(outputs) if activation == "sigmoid" else torch.softmax(outputs, dim=0)
-    model_maps = res.maps[0].detach().to("cpu", torch.float32)
+    device_maps = res.maps[0].detach().to(torch.float32)
+    model_maps = device_maps.to("cpu")
     outside = outside_scan_fraction(model_maps, x, vol)  # measured before the inverse drops it
-    maps = maps_to_volume(model_maps, x, compose, vol)
+    maps = None if stream else maps_to_volume(device_maps, x, compose, vol)
     t3 = time.perf_counter()
     return Explanation(
         maps=maps,
@@ -136,4 +140,6 @@ def explain_volume(
             "outputs": outputs.float(),
             "seconds": {"preprocess": t1 - t0, "engine": t2 - t1, "inverse": t3 - t2},
         },
+        grid=vol if stream else None,
+        stream=(lambda: iter_maps_to_volume(device_maps, x, compose, vol)) if stream else None,
     )

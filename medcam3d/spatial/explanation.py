@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,9 @@ class Explanation:
 
     Attributes:
         maps: MetaTensor (K, *volume_spatial), float32, >= 0, NOT normalised; its ``affine`` and
-            ``meta`` are the source volume's (same shape, same affine).
+            ``meta`` are the source volume's (same shape, same affine). None for a streamed
+            Explanation (``explain_volume(..., stream=True)``): then :meth:`iter_maps` computes
+            the maps one class at a time and ``grid`` is the scan they sit on.
         logits: (K,) float32 raw scores of the explained outputs.
         probabilities: (K,) float32, ``sigmoid`` (multi-label) or ``softmax`` of the model's outputs
             at those indices, as named by ``activation``.
@@ -29,6 +32,8 @@ class Explanation:
             mass that lay, on the model input's grid, outside the scan's field of view (padding added
             by preprocessing, or space beyond the volume); ``maps`` cannot show that mass. See
             :mod:`medcam3d.spatial.coverage`. None when not measured (an Explanation built by hand).
+        grid: the scan MetaTensor (1, *volume_spatial) the maps sit on (set when streamed).
+        stream: for a streamed Explanation, a callable returning the per-class iterator.
     """
 
     maps: Any  # monai.data.MetaTensor; typed loosely so importing this module stays cheap
@@ -42,11 +47,22 @@ class Explanation:
     activation: str = "sigmoid"
     extra: dict[str, Any] = field(default_factory=dict)
     outside_scan_fraction: torch.Tensor | None = None
+    grid: Any = None
+    stream: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def affine(self) -> torch.Tensor:
         """4x4 RAS affine of the maps (equal to the source volume's)."""
-        return self.maps.affine
+        return self.maps.affine if self.maps is not None else self.grid.affine
+
+    def iter_maps(self) -> Iterator[torch.Tensor]:
+        """Each class's (*volume_spatial) float32 map in class order; a streamed Explanation computes
+        each one on the fly (one resampling; call again to recompute), so only one is alive at once."""
+        if self.maps is not None:
+            for k in range(self.maps.shape[0]):
+                yield self.maps[k].as_tensor() if hasattr(self.maps, "as_tensor") else self.maps[k]
+        elif self.stream is not None:
+            yield from self.stream()
 
     def __len__(self) -> int:
         return len(self.class_names)

@@ -1,0 +1,113 @@
+"""The cohort speed pieces (issue 13): stage timings in the manifest, streamed explanations written
+class by class (identical files to the held maps), and uint16 storage read back by two independent
+readers (nibabel, SimpleITK) within its documented error."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers_models import config_dict, write_config, write_scan
+from spatial_models import CHAIN, BlobModel
+from test_spatial_world import _write_case
+
+import medcam3d
+from medcam3d.cli.main import main
+from medcam3d.cli.manifest import STAGE_COLUMNS
+from medcam3d.errors import ExportError
+from medcam3d.io.export import quantise_uint16
+
+
+def _manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_manifest_rows_carry_stage_seconds_and_bytes(tmp_path, capsys):
+    cfg = write_config(tmp_path / "cfg", output={"montage": True})
+    scans = [write_scan(tmp_path / "in" / f"scan{i}.nii.gz", seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    assert main(["explain", "--config", str(cfg), "--input", *map(str, scans), "--output", str(out)]) == 0
+    rows = _manifest(out)
+    assert len(rows) == 2
+    for row in rows:
+        stages = {c: float(row[c]) for c in STAGE_COLUMNS}
+        assert all(v >= 0 for v in stages.values())
+        assert all(stages[c] > 0 for c in ("seconds_load", "seconds_engine", "seconds_inverse",
+                                           "seconds_write", "seconds_montage"))
+        # the stages (load aside) make up the method's seconds
+        assert sum(v for c, v in stages.items() if c != "seconds_load") == pytest.approx(
+            float(row["seconds"]), abs=0.01)
+        files = [out / f for f in row["outputs"].split(";")]
+        assert int(row["bytes_written"]) == sum(f.stat().st_size for f in files)
+    printed = capsys.readouterr().out
+    assert "time per stage over 2 case(s): load" in printed and "MB written" in printed
+
+
+def test_streamed_explanation_writes_the_same_files_as_held_maps(tmp_path):
+    path, affine, shape = _write_case(tmp_path, "LPS")
+    vol = medcam3d.load_volume(path)
+    held = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act", class_names=["blob", "anti"])
+    streamed = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act",
+                                       class_names=["blob", "anti"], stream=True)
+    assert streamed.maps is None and streamed.grid is vol
+    seen = []
+    a = medcam3d.save_nifti(held, tmp_path / "held", stem="c")
+    b = medcam3d.save_nifti(streamed, tmp_path / "streamed", stem="c", threads=2,
+                            on_map=lambda k, m: seen.append((k, m.shape)))
+    assert seen == [(0, shape), (1, shape)]
+    for pa, pb in zip(a, b):
+        ia, ib = nib.load(str(pa)), nib.load(str(pb))
+        np.testing.assert_array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+        np.testing.assert_array_equal(ia.affine, ib.affine)
+        assert ia.header["descrip"] == ib.header["descrip"]
+
+
+def test_uint16_storage_is_within_its_documented_error_in_nibabel_and_simpleitk(tmp_path):
+    path, affine, shape = _write_case(tmp_path, "oblique-12deg")
+    vol = medcam3d.load_volume(path)
+    expl = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act", class_names=["blob", "anti"])
+    exact = expl.maps.numpy()
+    files = medcam3d.save_nifti(expl, tmp_path / "u16", stem="c", storage="uint16")
+    ref = medcam3d.save_nifti(expl, tmp_path / "f32", stem="c")
+    assert sum(p.stat().st_size for p in files) < sum(p.stat().st_size for p in ref)
+    for k, f in enumerate(files):
+        img = nib.load(str(f))
+        assert img.get_data_dtype() == np.uint16
+        by_nib = img.get_fdata()
+        by_itk = sitk.GetArrayFromImage(sitk.ReadImage(str(f), sitk.sitkFloat64)).transpose(2, 1, 0)
+        tol = exact[k].max() / 131070 * (1 + 1e-6) if exact[k].max() > 0 else 0.0
+        assert np.abs(by_nib - exact[k]).max() <= tol
+        np.testing.assert_allclose(by_itk, by_nib, rtol=1e-6, atol=1e-12)
+        assert by_nib.max() == pytest.approx(float(exact[k].max()), rel=1e-6)
+        np.testing.assert_array_equal(by_nib == 0, exact[k] == 0)  # zeros stay exactly zero
+        np.testing.assert_allclose(img.affine, nib.load(str(ref[k])).affine)
+
+
+def test_uint16_refuses_negative_maps_and_bad_storage_names(tmp_path):
+    with pytest.raises(ExportError, match="non-negative"):
+        quantise_uint16(np.array([-1.0, 2.0], np.float32))
+    stored, slope = quantise_uint16(np.zeros((2, 2, 2), np.float32))
+    assert slope == 1.0 and not stored.any()
+    path, _, _ = _write_case(tmp_path, "RAS")
+    expl = medcam3d.explain_volume(BlobModel(), medcam3d.load_volume(path), CHAIN, target_layer="act")
+    with pytest.raises(ExportError, match="storage must be one of float32, uint16"):
+        medcam3d.save_nifti(expl, tmp_path / "x", storage="float16")
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").iterdir())
+
+
+def test_config_storage_key_is_validated(tmp_path):
+    from medcam3d.config import load_run_config
+    from medcam3d.errors import ConfigError
+
+    cfg = write_config(tmp_path, output={"storage": "uint16", "montage": False})
+    assert load_run_config(cfg).output.storage == "uint16"
+    bad = write_config(tmp_path, name="bad.yaml", output={"storage": "int8"})
+    with pytest.raises(ConfigError, match=r"output\.storage: expected one of float32, uint16"):
+        load_run_config(bad)
+    assert config_dict()  # the helper's defaults stay valid
