@@ -187,6 +187,8 @@ def build_nifti(
         source.apply(hdr)
         # affine=None: nibabel must not re-derive qform/sform from an affine when saving
         img = nib.Nifti1Image(stored, None, header=hdr)
+        if storage == "uint16":  # a new image from an array drops the header's scaling
+            img.header.set_slope_inter(slope, 0.0)
     return img
 
 
