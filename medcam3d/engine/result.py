@@ -36,12 +36,16 @@ class CAMResult:
             y_k(A) - y_k(0) whenever the head after the target layer is linear in A.
         logits: (B, K) float32 raw scores (before sigmoid/softmax) of the explained outputs.
         class_idx: (B, K) int64, which model output each of the K maps explains.
-        outputs: (B, N) float32, every raw model output (useful for softmax over all classes).
-        method: "hirescam" or "gradcam".
-        target_layer: the resolved target layer name (``"name:input"`` for a module's input).
+        outputs: (B, N) float32, every score column (by default every raw model output; useful
+            for softmax over all classes).
+        method: the method's name (see ``medcam3d.engine.METHODS``).
+        target_layer: the resolved target layer name (``"name:input"`` for a module's input,
+            ``"<input>"`` for methods that explain at the model input).
         input_size: spatial size of the model input; ``maps`` are interpolated to it.
         batched_backward: True when all K gradients came from one batched vector-Jacobian product,
             False when an operation in the head forced the per-class fallback loop.
+        activation_dtype: dtype the explained activation was computed in (bfloat16/float16 under
+            autocast or for a half-precision model); it sets the tolerance of completeness checks.
     """
 
     raw: torch.Tensor
@@ -52,6 +56,7 @@ class CAMResult:
     target_layer: str
     input_size: tuple[int, ...]
     batched_backward: bool = True
+    activation_dtype: torch.dtype | None = None
     _maps: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -80,5 +85,6 @@ class CAMResult:
             target_layer=self.target_layer,
             input_size=self.input_size,
             batched_backward=self.batched_backward,
+            activation_dtype=self.activation_dtype,
             _maps=None if self._maps is None else self._maps.to(device),
         )

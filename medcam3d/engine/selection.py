@@ -1,4 +1,4 @@
-"""Validate the input tensor, the model output and the requested classes."""
+"""Validate the input tensor and the requested classes (the scores are validated in ``scores``)."""
 
 from __future__ import annotations
 
@@ -36,22 +36,6 @@ def check_input(x: object, model: nn.Module) -> torch.Tensor:
             f"(x.to('{param.device}'))."
         )
     return x
-
-
-def check_output(out: object, batch: int) -> torch.Tensor:
-    """The model's raw scores as a (B, N) tensor; (B,) is read as one output."""
-    if not isinstance(out, torch.Tensor):
-        raise InputError(
-            f"the model returned a {type(out).__name__}; the explainer needs a (B, N) tensor of raw "
-            "class scores. Wrap the model so forward() returns that tensor."
-        )
-    if out.ndim == 1 and out.shape[0] == batch:
-        out = out[:, None]
-    if out.ndim != 2 or out.shape[0] != batch:
-        raise InputError(
-            f"the model returned shape {tuple(out.shape)}; expected (B={batch}, N) raw class scores."
-        )
-    return out
 
 
 def _as_index_list(values: Sequence[object], n_outputs: int) -> list[int]:

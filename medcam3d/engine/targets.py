@@ -8,8 +8,9 @@ input of ``_avg_pooling``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -98,14 +99,33 @@ def _is_spatial_map(value: object, batch: int, spatial_rank: int) -> bool:
     )
 
 
-def probe_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> Target:
-    """Run one no-grad forward on the first sample and return the last module (in execution order)
-    whose output is a (B, C, *spatial) map with x's spatial rank.
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``-d model (``OptimizedModule._orig_mod``), else ``model``.
+
+    The engine hooks and runs the original module: hooks on a compiled module would be traced by
+    Dynamo (a recompilation per call, and memory that grows with it).
+    """
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
+
+
+def probe_last_spatial_layer(
+    model: nn.Module,
+    x: torch.Tensor,
+    forward_args: Sequence[Any] = (),
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Target:
+    """Run one no-grad forward (on the first sample, or on the whole batch when extra forward
+    inputs are given) and return the last module (in execution order) whose output is a
+    (B, C, *spatial) map with x's spatial rank.
 
     Refuses when most parameters run after that module: then the network is not a CNN with a
     head (e.g. a ViT, whose only spatial map is the patch embedding).
     """
     spatial_rank = x.ndim - 2
+    extra = bool(forward_args) or bool(forward_kwargs)
+    probe_batch = x.shape[0] if extra else 1
     named = dict((n, m) for n, m in model.named_modules() if n)
     first_start: dict[str, int] = {}
     spatial_finishes: list[tuple[int, str]] = []
@@ -118,7 +138,7 @@ def probe_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> Target:
 
         def post(_module, _inputs, output):
             tick = next(clock)
-            if _is_spatial_map(output, 1, spatial_rank):
+            if _is_spatial_map(output, probe_batch, spatial_rank):
                 spatial_finishes.append((tick, name))
 
         return pre, post
@@ -129,7 +149,10 @@ def probe_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> Target:
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
         with torch.no_grad():
-            model(x[:1])
+            if extra:
+                model(x, *forward_args, **(forward_kwargs or {}))
+            else:
+                model(x[:1])
     finally:
         for h in handles:
             h.remove()
@@ -160,7 +183,11 @@ def probe_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> Target:
 
 
 def resolve_target(
-    model: nn.Module, target_layer: str | nn.Module | None, x: torch.Tensor | None = None
+    model: nn.Module,
+    target_layer: str | nn.Module | None,
+    x: torch.Tensor | None = None,
+    forward_args: Sequence[Any] = (),
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Target:
     """Turn the user's ``target_layer`` into a :class:`Target`.
 
@@ -180,4 +207,4 @@ def resolve_target(
         return _by_name(model, default)
     if x is None:
         raise TargetLayerError("target_layer=None needs an input to find the last spatial layer.")
-    return probe_last_spatial_layer(model, x)
+    return probe_last_spatial_layer(model, x, forward_args, forward_kwargs)
