@@ -46,7 +46,7 @@ _LAZY = {
     "load_volume": "medcam3d.io",
     "save_nifti": "medcam3d.io",
     "explain_volume": "medcam3d.spatial",
-    "Explanation": "medcam3d.spatial",
+    "Explanation": "medcam3d.explanation",
     "build_preprocessing": "medcam3d.spatial",
     "view": "medcam3d.viewer",
 }

@@ -157,7 +157,7 @@ def test_unknown_transform_has_preprocess_key_path(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"methods": ["hirescam", "gradcm"]}, "methods[1]: expected one of hirescam, gradcam, got 'gradcm'"),
+        ({"methods": ["hirescam", "gradcm"]}, "methods[1]: expected one of hirescam, gradcam, gradcampp, xgradcam, layercam, gradcam_elementwise, eigencam, gradxinput, got 'gradcm' (did you mean 'gradcam'"),
         ({"activation": "softmx"}, "activation: expected 'sigmoid' (multi-label) or 'softmax', got 'softmx'"),
         ({"class_idx": ["nodul"]}, "class_idx[0]: 'nodul' is not a class name (did you mean 'nodule'?)"),
         ({"class_idx": [5]}, "class_idx[0]: index 5 is out of range for 2 class_names"),

@@ -21,6 +21,8 @@ YAML layout (see ``sample_configs/template.yaml`` for every key explained)::
     output: {four_d: false, montage: true, window: lung}   # window: name | [level, width]
     device: null                   # null = cuda if available else cpu; or cpu / cuda / cuda:1
     amp: false
+    score: null                    # what is explained (see medcam3d.config.explain_args)
+    forward_kwargs: {}             # extra keyword inputs of model.forward
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ from typing import Any
 
 from torch import nn
 
+from medcam3d.config.explain_args import build_score, parse_forward_kwargs, parse_score
 from medcam3d.config.models import build_model
 from medcam3d.config.schema import Errors, check_keys, close_matches, describe, join
 from medcam3d.config.windows import WINDOWS, Window
-from medcam3d.errors import ConfigError, Medcam3dError
+from medcam3d.engine import METHODS as _ENGINE_METHODS
+from medcam3d.engine import method_name
+from medcam3d.errors import ConfigError, Medcam3dError, InputError
+from medcam3d.explanation import ACTIVATIONS
 
-METHODS = ("hirescam", "gradcam")
-ACTIVATIONS = ("sigmoid", "softmax")
+METHODS = tuple(_ENGINE_METHODS)  # names come from the engine (one home)
 TOP_KEYS = (
     "model",
     "preprocess",
@@ -54,6 +59,8 @@ TOP_KEYS = (
     "output",
     "device",
     "amp",
+    "score",
+    "forward_kwargs",
 )
 MODEL_KEYS = ("name", "_target_", "kwargs", "checkpoint")
 OUTPUT_KEYS = ("four_d", "montage", "window", "storage")
@@ -77,14 +84,16 @@ class RunConfig:
     Attributes:
         model: the network, in eval mode, on CPU, weights loaded (move it to ``device`` yourself).
         preprocess: the MONAI Compose built from ``preprocess`` (invertible; see medcam3d.spatial).
-        methods: ``"hirescam"`` and/or ``"gradcam"``, in the order given, no duplicates.
+        methods: names from ``medcam3d.engine.METHODS``, in the order given, no duplicates.
         target_layer: module name, or None for the network's default layer.
         class_names: one name per model output, or None.
         activation: ``"sigmoid"`` (multi-label) or ``"softmax"``.
         class_idx: ``"all"`` or a list of output indices (class names already turned into indices).
         output: :class:`OutputOptions`.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or None (cuda if available, else cpu).
-        amp: run the model under autocast.
+        amp: run the model under autocast (bfloat16 on CPU).
+        score: the engine score object (None: class logits), see :mod:`medcam3d.config.explain_args`.
+        forward_kwargs: extra keyword inputs of ``model.forward`` as configured (plain data).
         source: the YAML file the config came from (None for a dict).
         checkpoint: resolved weights path (None when running with random weights).
         model_label: the ``name`` or ``_target_`` of the model.
@@ -109,6 +118,25 @@ class RunConfig:
     random_weights: bool
     spec: dict[str, Any]
     checkpoint_sha256: str | None = None
+    score: Any = None
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def explain_kwargs(self) -> dict[str, Any]:
+        """The :func:`medcam3d.explain_volume` arguments this config sets (every method in one
+        pass): the one mapping shared by the CLI and the napari widget. Add the volume, ``device``
+        and ``amp``; override any key (e.g. ``methods``) as needed."""
+        from medcam3d.config.explain_args import forward_values
+
+        return {
+            "preprocess": self.preprocess,
+            "methods": list(self.methods),
+            "target_layer": self.target_layer,
+            "class_idx": self.class_idx,
+            "class_names": self.class_names,
+            "activation": self.activation,
+            "score": self.score,
+            "forward_kwargs": forward_values(self.forward_kwargs),
+        }
 
     def fingerprint(self) -> str:
         """SHA-256 of everything that changes the outputs: the normalised config (minus device)
@@ -231,11 +259,14 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
     if isinstance(methods, str):
         methods = [methods]
     if not isinstance(methods, list) or not methods:
-        errors.add("methods", f"expected 'hirescam', 'gradcam' or a list of them, got {describe(methods)}")
+        errors.add("methods", f"expected a method name ({', '.join(METHODS)}) or a list of them, got {describe(methods)}")
         methods = []
     clean: list[str] = []
     for i, m in enumerate(methods):
-        name = m.lower() if isinstance(m, str) else m
+        try:
+            name = method_name(m)
+        except InputError:
+            name = None
         if name not in METHODS:
             hint = close_matches(m, METHODS) if isinstance(m, str) else ""
             errors.add(join("methods", i), f"expected one of {', '.join(METHODS)}, got {describe(m)}{hint}")
@@ -338,6 +369,8 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
         errors.add("amp", f"expected true or false, got {describe(amp)}")
         amp = False
     out["amp"] = amp
+    out["score"] = parse_score(errors, data.get("score"))
+    out["forward_kwargs"] = parse_forward_kwargs(errors, data.get("forward_kwargs"))
     out["_window"] = window
     return out
 
@@ -454,6 +487,10 @@ def load_run_config(
             raise ConfigError(msg + (f" (in {where})" if where else "")) from exc
 
     preprocess = build_preprocess(spec["preprocess"], where)
+    try:
+        score = build_score(spec["score"], base_dir)
+    except ConfigError as exc:
+        raise fail(exc) from exc
 
     return RunConfig(
         model=model,
@@ -475,6 +512,8 @@ def load_run_config(
         random_weights=ckpt_path is None,
         spec=spec,
         checkpoint_sha256=_sha256(ckpt_path) if ckpt_path is not None else None,
+        score=score,
+        forward_kwargs=dict(spec["forward_kwargs"]),
     )
 
 

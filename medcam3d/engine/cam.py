@@ -49,6 +49,8 @@ class BaseCAM(ABC):
 
     #: Method name as accepted by :func:`make_cam`.
     method: ClassVar[str]
+    #: Name for people (menus, titles).
+    label: ClassVar[str]
     #: False for gradient-free methods (Eigen-CAM): the backward is skipped when none needs it.
     needs_gradient: ClassVar[bool] = True
     #: True when the "layer" is the model input (Gradient x Input).
@@ -173,6 +175,7 @@ class HiResCAM(BaseCAM):
     """
 
     method = "hirescam"
+    label = "HiResCAM"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -183,6 +186,7 @@ class GradCAM(BaseCAM):
     """Grad-CAM (Selvaraju et al., ICCV 2017): ``w_k = mean_ij dS/dA_k,ij``, ``M = sum_k w_k A_k``."""
 
     method = "gradcam"
+    label = "Grad-CAM"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -204,6 +208,7 @@ class GradCAMPlusPlus(BaseCAM):
     """
 
     method = "gradcampp"
+    label = "Grad-CAM++"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -229,6 +234,7 @@ class XGradCAM(BaseCAM):
     """
 
     method = "xgradcam"
+    label = "XGrad-CAM"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -247,6 +253,7 @@ class LayerCAM(BaseCAM):
     ReLU is applied by :attr:`CAMResult.maps`, like every method's)."""
 
     method = "layercam"
+    label = "LayerCAM"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -259,6 +266,7 @@ class GradCAMElementWise(BaseCAM):
     its signed ``raw`` map carries no completeness property."""
 
     method = "gradcam_elementwise"
+    label = "Element-wise Grad-CAM"
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
         assert grads is not None
@@ -277,6 +285,7 @@ class EigenCAM(BaseCAM):
     """
 
     method = "eigencam"
+    label = "Eigen-CAM"
     needs_gradient = False
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
@@ -302,6 +311,7 @@ class GradientXInput(BaseCAM):
     """
 
     method = "gradxinput"
+    label = "Gradient x Input"
     at_input = True
 
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:

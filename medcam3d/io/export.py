@@ -26,7 +26,7 @@ from medcam3d.io.affine import ras_affine, to_numpy_affine
 from medcam3d.io.xform import SourceXforms, source_xforms
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medcam3d.spatial.explanation import Explanation
+    from medcam3d.explanation import Explanation
 
 DEFAULT_STEM = "medcam3d"
 NIFTI_SUFFIX = ".nii.gz"
@@ -351,30 +351,15 @@ def save_volume_nifti(
     return _write_all([(img, target)], overwrite)[0]
 
 
-def class_records(expl: Any, names: list[str]) -> list[dict[str, Any]]:
-    """Per explained class: ``{"name", "index", "logit", "probability"}`` read from an Explanation.
+def class_records(expl: Explanation, names: list[str]) -> list[dict[str, Any]]:
+    """Per explained class: :meth:`Explanation.class_records` (name, index, logit, probability) plus
+    the evidence-vs-bias summary of :mod:`medcam3d.metrics.evidence`.
 
-    Shared by the NIfTI export (JSON extension) and the napari heat layers (layer metadata), so both
-    describe a map the same way. Missing or short score vectors give None, not an error.
+    Shared by the NIfTI export (JSON extension), the napari heat layers (layer metadata) and the
+    CLI's scoring, so all describe a map the same way.
     """
 
-    def scalar(attr: str, i: int) -> float | None:
-        v = getattr(expl, attr, None)
-        try:
-            return float(_to_numpy(v).reshape(-1)[i])
-        except (TypeError, ValueError, IndexError):
-            return None
-
-    idx = getattr(expl, "class_idx", None)
-    records = [
-        {
-            "name": str(nm),
-            "index": (int(_to_numpy(idx).reshape(-1)[i]) if idx is not None else i),
-            "logit": scalar("logits", i),
-            "probability": scalar("probabilities", i),
-        }
-        for i, nm in enumerate(names)
-    ]
+    records = expl.class_records(names)
     for i, rec in enumerate(records):
         rec.update(_evidence(expl, i, rec["logit"]))
     return records

@@ -9,7 +9,7 @@ the inverse cannot place because it lies outside the scan).
 from medcam3d.spatial.config import AboveThreshold
 from medcam3d.spatial.coverage import outside_scan_fraction, scan_coverage
 from medcam3d.spatial.explain import explain_volume
-from medcam3d.spatial.explanation import Explanation
+from medcam3d.explanation import Explanation
 from medcam3d.spatial.inverse import maps_to_volume
 from medcam3d.spatial.preprocess import build_preprocessing, model_input
 from medcam3d.spatial.volume import as_volume

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
 
 import torch
 from torch import nn
 
-from medcam3d.engine import make_cam
+from medcam3d.engine import ClassSpec, MultiCAM, ScoreSpec
 from medcam3d.errors import InputError
+from medcam3d.explanation import ACTIVATIONS, Explanation
 from medcam3d.spatial.coverage import outside_scan_fraction
-from medcam3d.spatial.explanation import Explanation
 from medcam3d.spatial.inverse import iter_maps_to_volume, maps_to_volume
 from medcam3d.spatial.preprocess import build_preprocessing, model_input
 from medcam3d.spatial.volume import as_volume
-
-ACTIVATIONS = ("sigmoid", "softmax")
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -53,10 +51,51 @@ def _names(class_names: Sequence[str] | None, n_outputs: int, idx: list[int]) ->
 
 
 def _autocast(amp: bool, dev: torch.device) -> contextlib.AbstractContextManager:
-    if amp and dev.type == "cuda":
+    """bfloat16 autocast on CPU and on CUDA with bf16 support, float16 on other CUDA devices."""
+    if not amp:
+        return contextlib.nullcontext()
+    if dev.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    if dev.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise InputError(f"amp is supported on CPU and CUDA only, not on {dev.type}; set amp to false.")
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating parameter dtype (a bf16/fp16 model gets its input in that dtype)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _to_device(value: Any, dev: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dev)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, dev) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, dev) for k, v in value.items()}
+    return value
+
+
+@overload
+def explain_volume(
+    model: nn.Module, volume: Any, preprocess: Any = ..., method: str = ..., target_layer: str | nn.Module | None = ...,
+    class_idx: ClassSpec = ..., class_names: Sequence[str] | None = ..., activation: str = ...,
+    device: str | torch.device | None = ..., amp: bool = ..., stream: bool = ..., *, methods: None = ..., score: ScoreSpec = ...,
+    forward_args: Sequence[Any] = ..., forward_kwargs: Mapping[str, Any] | None = ...,
+) -> Explanation: ...
+
+
+@overload
+def explain_volume(
+    model: nn.Module, volume: Any, preprocess: Any = ..., method: str = ..., target_layer: str | nn.Module | None = ...,
+    class_idx: ClassSpec = ..., class_names: Sequence[str] | None = ..., activation: str = ...,
+    device: str | torch.device | None = ..., amp: bool = ..., stream: bool = ..., *, methods: Sequence[str], score: ScoreSpec = ...,
+    forward_args: Sequence[Any] = ..., forward_kwargs: Mapping[str, Any] | None = ...,
+) -> dict[str, Explanation]: ...
 
 
 def explain_volume(
@@ -65,32 +104,48 @@ def explain_volume(
     preprocess: Any = None,
     method: str = "hirescam",
     target_layer: str | nn.Module | None = None,
-    class_idx: Any = "all",
+    class_idx: ClassSpec = "all",
     class_names: Sequence[str] | None = None,
     activation: str = "sigmoid",
     device: str | torch.device | None = None,
     amp: bool = False,
     stream: bool = False,
-) -> Explanation:
+    *,
+    methods: Sequence[str] | None = None,
+    score: ScoreSpec = None,
+    forward_args: Sequence[Any] = (),
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Explanation | dict[str, Explanation]:
     """Explain ``model`` on one scan; the maps come back on the scan's own grid and affine.
 
     Args:
-        model: nn.Module mapping (1, C, *model_spatial) to (1, N) raw class scores.
+        model: nn.Module mapping (1, C, *model_spatial) to (1, N) raw class scores (or any output,
+            with ``score``). A bfloat16/float16 model gets its input in that dtype.
         volume: MetaTensor (1, X, Y, Z) with its affine (``medcam3d.load_volume``), or a path.
         preprocess: what the model expects, as for :func:`build_preprocessing` (None: the volume as is).
-        method: "hirescam" or "gradcam".
+        method: one method name (see ``medcam3d.engine.METHODS``) when ``methods`` is None.
         target_layer: layer name, module, or None for the engine's default.
-        class_idx: "all", None (top class), an int or a list of ints.
+        class_idx: which score columns to explain (every form of ``medcam3d.engine.ClassSpec``:
+            "all", None for the top class, an int, a list of ints).
         class_names: one name per MODEL OUTPUT (N of them); the explained ones are picked out.
         activation: "sigmoid" (multi-label) or "softmax" (over all N outputs) for ``probabilities``.
         device: where the model runs (the model is moved there); None: where its parameters are.
-        amp: autocast (bf16 where supported, else fp16) on CUDA; ignored on CPU. Maps stay float32.
+        amp: autocast, bfloat16 on CPU (and on CUDA where supported, else float16). Maps stay
+            float32; check completeness with the dtype's tolerance (``engine.RTOL_BY_DTYPE``).
         stream: do not hold the K scan-grid maps: ``maps`` is None and ``iter_maps()`` maps them
             back one class at a time (on the model's device); ``grid`` is the scan.
+        methods: several method names: ONE forward and ONE backward serve them all, and the
+            result is ``{method: Explanation}`` in the order given.
+        score: what is explained (``medcam3d.engine.OutputKey``, ``RegionScore``, ``Similarity`` or
+            any callable output -> (1, N)); None: the model's (1, N) logits.
+        forward_args / forward_kwargs: extra model inputs (``model(x, *forward_args,
+            **forward_kwargs)``), batched like x (a batch of 1); tensors are moved to ``device``.
 
     Returns:
-        :class:`Explanation`; ``extra`` holds ``model_maps`` (K, *model_spatial) and ``model_affine``
-        (the model grid, for debugging), ``preprocessing`` (step names) and ``seconds``.
+        :class:`Explanation` (or a dict of them with ``methods``); ``extra`` holds ``model_maps``
+        (K, *model_spatial) and ``model_affine`` (the model grid, for debugging), ``preprocessing``
+        (step names) and ``seconds`` (preprocess, engine and inverse; with ``methods`` the shared
+        preprocess and engine times are reported on each).
 
     Raises:
         InputError / ClassIndexError / TargetLayerError: bad volume, names, method, classes, layer.
@@ -102,15 +157,32 @@ def explain_volume(
         raise InputError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}.")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    cam = make_cam(method, model, target_layer)
+    if methods is not None and method != "hirescam":
+        raise InputError(f"give method= (one Explanation) or methods= (a dict of them), not both; got "
+                         f"method={method!r} and methods={list(methods)!r}.")
+    multi = MultiCAM(model, [method] if methods is None else methods, target_layer)
     vol = as_volume(volume)
     compose = build_preprocessing(preprocess)
     x = model_input(vol, compose)
     t1 = time.perf_counter()
     dev = _device(model, device)
-    xin = x.as_tensor()[None].to(dev, torch.float32)
+    xin = x.as_tensor()[None].to(dev, _input_dtype(model))
     with _autocast(amp, dev):
-        res = cam(xin, class_idx)
+        results = multi(
+            xin, class_idx, score=score, forward_args=_to_device(tuple(forward_args), dev),
+            forward_kwargs=_to_device(dict(forward_kwargs or {}), dev),
+        )
+    t2 = time.perf_counter()
+    explained = {m: _on_scan(res, x, compose, vol, class_names, activation, t1 - t0, t2 - t1, stream)
+                 for m, res in results.items()}
+    return explained if methods is not None else explained[multi.methods[0]]
+
+
+def _on_scan(
+    res: Any, x: Any, compose: Any, vol: Any, class_names: Sequence[str] | None, activation: str,
+    t_pre: float, t_engine: float, stream: bool,
+) -> Explanation:
+    """One method's :class:`CAMResult` (batch of 1) -> an Explanation on the scan's grid."""
     t2 = time.perf_counter()
     idx = res.class_idx[0].cpu()
     outputs = res.outputs[0].cpu()
@@ -138,7 +210,7 @@ def explain_volume(
             "model_input_shape": tuple(int(s) for s in x.shape),
             "preprocessing": [type(t).__name__ for t in compose.transforms],
             "outputs": outputs.float(),
-            "seconds": {"preprocess": t1 - t0, "engine": t2 - t1, "inverse": t3 - t2},
+            "seconds": {"preprocess": t_pre, "engine": t_engine, "inverse": t3 - t2},
         },
         grid=vol if stream else None,
         stream=(lambda: iter_maps_to_volume(device_maps, x, compose, vol)) if stream else None,

@@ -47,7 +47,7 @@ def explanation_from_layer(layer: Any) -> Any:
     """A one-class :class:`~medcam3d.spatial.Explanation` for a heat layer, on the source grid."""
     from monai.data import MetaTensor
 
-    from medcam3d.spatial.explanation import Explanation
+    from medcam3d.explanation import Explanation
 
     info = medcam_meta(layer)
     if info.get("kind") != HEAT:

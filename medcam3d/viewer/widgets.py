@@ -13,12 +13,13 @@ from typing import Any
 
 from magicgui import widgets as mw
 
+from medcam3d.engine import METHODS
 from medcam3d.errors import ConfigError, InputError, Medcam3dError
 from medcam3d.viewer.layers import CT, HEAT, explanation_layer_data, medcam_meta
 from medcam3d.viewer.windows import AUTO, resolve_window, window_names
 
 WINDOW_DOCK_NAME = "CT window (medcam3d)"
-METHOD_CHOICES = [("HiResCAM", "hirescam"), ("Grad-CAM", "gradcam")]
+METHOD_CHOICES = [(cls.label, name) for name, cls in METHODS.items()]
 
 
 class _WorkerFailure(Exception):
@@ -238,23 +239,18 @@ class ExplainWidget(mw.Container):
 
         if job["config"] is not None:
             cfg = load_run_config(job["config"], allow_random_weights=job["allow_random"])
-            model, preprocess, names = cfg.model, cfg.preprocess, cfg.class_names
-            target, activation, class_idx = cfg.target_layer, cfg.activation, cfg.class_idx
+            model, kwargs = cfg.model, cfg.explain_kwargs()  # the same mapping as the CLI
         else:
             model = build_model(job["network"], job["kwargs"], job["checkpoint"], job["allow_random"])
-            preprocess, names, target, activation, class_idx = None, None, None, "sigmoid", "all"
+            kwargs = {"preprocess": None, "class_names": None, "target_layer": None, "class_idx": "all"}
         yield "model"
-        chosen = parse_classes(job["classes"], names)
-        expl = medcam3d.explain_volume(
-            model,
-            job["volume"],
-            preprocess=preprocess,
-            method=job["method"],
-            target_layer=job["target_layer"] or target,
-            class_idx=class_idx if chosen is None else chosen,
-            class_names=names,
-            activation=activation,
+        chosen = parse_classes(job["classes"], kwargs["class_names"])
+        kwargs.update(
+            methods=[job["method"]],
+            target_layer=job["target_layer"] or kwargs["target_layer"],
+            class_idx=kwargs["class_idx"] if chosen is None else chosen,
         )
+        (expl,) = medcam3d.explain_volume(model, job["volume"], **kwargs).values()
         yield "explained"
         return expl
 
