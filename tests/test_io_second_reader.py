@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from torch import nn
+from toy_evidence_models import IntensityModel
 
 import medcam3d
 
@@ -23,24 +23,6 @@ SPACING = np.array([0.8, 1.1, 2.5])
 CUBE = (slice(13, 16), slice(4, 7), slice(9, 12))  # off-centre on every axis: flips would show
 SHIFT = np.array([12.0, -7.0, 20.0])  # sform origin = qform origin + SHIFT (mm)
 CODES = list(nib.nifti1.xform_codes.value_set())  # 0..5: unknown, scanner, aligned, talairach, mni, template
-
-
-class IntensityModel(nn.Module):
-    """Score = mean(ReLU(x)): the HiResCAM map is ReLU(x) / N, i.e. the CT's positive voxels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feat = nn.Conv3d(1, 1, 1, bias=False)
-        with torch.no_grad():
-            self.feat.weight.fill_(1.0)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(1, 1)
-        with torch.no_grad():
-            self.head.weight.fill_(1.0)
-            self.head.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.feat(x)).mean(dim=(2, 3, 4)).reshape(x.shape[0], 1))
 
 
 def _ct() -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from outside_models import SlabModel
+from toy_evidence_models import SlabModel
 
 import medcam3d
 from medcam3d.spatial import model_input, outside_scan_fraction, scan_coverage
@@ -80,7 +80,7 @@ def test_cli_prints_and_manifest_records_the_fraction(tmp_path, capsys):
     nib.save(img, str(scan))
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
-        "model": {"_target_": "outside_models.SlabModel", "kwargs": {"slabs": [[0, 4], [12, 20]]}, "checkpoint": None},
+        "model": {"_target_": "toy_evidence_models.SlabModel", "kwargs": {"slabs": [[0, 4], [12, 20]]}, "checkpoint": None},
         "preprocess": [{"name": "ResizeWithPadOrCrop", "spatial_size": [32, 18, 10]}],
         "methods": ["hirescam"], "target_layer": "act", "class_names": ["pad", "inside"],
         "output": {"montage": False}, "device": "cpu",

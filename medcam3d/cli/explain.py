@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from medcam3d.cli import distributed as dist
 from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
 from medcam3d.cli.loading import LoadedCase, iter_loaded
 from medcam3d.cli.manifest import STAGE_COLUMNS, PartWriter, merge_parts, part_path
+from medcam3d.cli.notes import load_notes, outside_scan_notes, write_resliced_ct
 from medcam3d.cli.resume import case_hash, is_done, remove_previous, write_marker
 from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
 from medcam3d.cli.scoring import case_line, class_extras, load_mask, row_extras, write_cohort_summary
@@ -75,6 +77,7 @@ def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, An
         **{k: None for k in SCORING_COLUMNS},
         **{c: None for c in STAGE_COLUMNS},
         "bytes_written": None,
+        "notes": [],
     }
     row.update(values)
     return row
@@ -138,6 +141,11 @@ def _explain_case(
         case_dir.mkdir(parents=True, exist_ok=True)
         remove_previous(case_dir)
         mask = load_mask(case.mask, loaded.volume) if case.mask else None  # bad mask: case fails
+        notes = load_notes(loaded.volume)
+        resliced = write_resliced_ct(loaded.volume, case_dir, case.case_id)
+        if resliced is not None:
+            written.append(resliced[0])
+            notes.append(resliced[1])
         t0 = time.perf_counter()
         # Every method from one forward and one backward (RunConfig.explain_kwargs); the shared
         # preprocess + engine time is booked on the first method's row.
@@ -156,10 +164,12 @@ def _explain_case(
                 if cfg.output.montage:
                     timer.montage(lambda: panels.append(map_panel(m, affine)))
 
-            files = save_nifti(
-                timer, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
-                source_paths=[case.path], storage=cfg.output.storage, on_map=on_map,
-            )
+            with warnings.catch_warnings():  # the tilt note is in ``notes`` (printed, manifest)
+                warnings.filterwarnings("ignore", message=".*gantry tilt", category=UserWarning)
+                files = save_nifti(
+                    timer, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
+                    source_paths=[case.path], storage=cfg.output.storage, on_map=on_map,
+                )
             written.extend(files)
             if cfg.output.montage:
                 png = case_dir / f"{case.case_id}_{method}_montage.png"
@@ -191,6 +201,7 @@ def _explain_case(
                     **row_extras(expl, mask, per_class=per_class),
                     bytes_written=sum(p.stat().st_size for p in files),
                     **stages,
+                    notes=notes,
                 )
             )
         write_marker(
@@ -216,22 +227,6 @@ def _explain_case(
 def _fractions(expl: Any) -> list[float] | None:
     frac = getattr(expl, "outside_scan_fraction", None)
     return None if frac is None else [round(float(v), 4) for v in frac.reshape(-1)]
-
-
-def outside_scan_notes(case_id: str, rows: list[dict[str, Any]]) -> list[str]:
-    """One line per explained class whose map had a noticeable share of its mass outside the scan."""
-    from medcam3d.spatial.coverage import NOTICEABLE_OUTSIDE_FRACTION
-
-    lines = []
-    for r in rows:
-        for name, f in zip(r.get("class_names") or [], r.get("outside_scan_fraction") or []):
-            if f is not None and f >= NOTICEABLE_OUTSIDE_FRACTION:
-                lines.append(
-                    f"medcam3d: case {case_id} ({r['method']}): {100 * f:.0f}% of the positive map mass of "
-                    f"{name!r} lies outside the scan on the model's grid (padding or beyond the field of "
-                    "view); the saved maps cannot show it (manifest column outside_scan_fraction)."
-                )
-    return lines
 
 
 def resolve_device(requested: str | None, cfg: RunConfig, d: dist.Dist) -> str:
@@ -298,7 +293,8 @@ def run_explain(opts: ExplainOptions) -> Summary:
                 summary.done += 1
                 if not opts.quiet:
                     bar.write("medcam3d: " + case_line(loaded.case.case_id, rows), file=sys.stdout)
-                    for line in outside_scan_notes(loaded.case.case_id, rows):
+                    lines = [f"medcam3d: case {loaded.case.case_id}: {n}" for n in rows[0].get("notes") or []]
+                    for line in lines + outside_scan_notes(loaded.case.case_id, rows):
                         bar.write(line, file=sys.stderr)
             bar.update(1)
         bar.close()

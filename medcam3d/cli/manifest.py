@@ -39,6 +39,7 @@ COLUMNS = (
     *SCORING_COLUMNS,  # per-class peaks, empty-map flags, scores against the case's mask
     *STAGE_COLUMNS,
     "bytes_written",
+    "notes",
 )
 FORMATS = ("csv", "jsonl", "both")
 
@@ -87,7 +88,9 @@ def write_manifest(rows: list[dict[str, Any]], out_dir: Path, fmt: str) -> list[
     """Write the final manifest(s) sorted by (case_index, method order kept); returns the paths.
 
     CSV cells holding lists (outputs, class names, logits, probabilities, outside_scan_fraction: per
-    class the share of the positive map mass that lay outside the scan on the model grid) are ';'-joined.
+    class the share of the positive map mass that lay outside the scan on the model grid; notes: what
+    the loader or the writer did beyond the plain path, e.g. fitted DICOM positions or a tilted scan
+    resliced) are ';'-joined.
     """
     rows = sorted(rows, key=lambda r: r.get("case_index", 0))
     written = []

@@ -349,7 +349,7 @@ def _geometry(folder: Path, sl: list[_Slice], notes: list[str]) -> tuple[list[_S
     if dev.max() > max(ABS_TOL_MM, REL_TOL * nominal):
         k = int(dev.argmax())
         notes.append(
-            f"slice positions deviate from a straight line by up to {dev[k]:.3f} mm ({sl[k].path.name}; "
+            f"slice positions deviate from a straight line by up to {dev[k]:.3f} mm ({sl[k].path.name}, "
             f"{100 * dev[k] / nominal:.1f} % of the step): the least-squares step "
             f"{float(np.linalg.norm(step_vec)):.4f} mm and origin are used"
         )

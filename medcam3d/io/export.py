@@ -23,6 +23,7 @@ import numpy as np
 
 from medcam3d.errors import ExportError
 from medcam3d.io.affine import ras_affine, to_numpy_affine
+from medcam3d.io.reslice import RESLICED_SUFFIX, is_sheared, reslice_orthogonal, shear_degrees
 from medcam3d.io.xform import SourceXforms, source_xforms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -431,7 +432,10 @@ def save_nifti(
     written class by class, so only about ``threads + 1`` full-size maps are alive at once.
 
     Returns:
-        The written paths: per-class files in class order, then the 4D file if any.
+        The written paths: per-class files in class order, then the 4D file if any. For a scan whose
+        voxel axes are sheared (gantry tilt; ITK-based viewers cannot open such a grid) each class
+        file is followed by ``{stem}_{method}_{class}_resliced.nii.gz``, the map on an orthogonal grid
+        covering the scan (see :mod:`medcam3d.io.reslice`); a ``UserWarning`` then says so.
 
     Raises:
         ExportError: bad maps/affine/names, an existing target without ``overwrite``, a target that
@@ -481,6 +485,9 @@ def save_nifti(
     targets = [unique(c) for c in safe]
     if four_d:
         targets.append(unique("all-classes"))
+    # gantry tilt: ITK cannot open the sheared source grid, so each class also gets an orthogonal copy
+    resliced = [unique(f"{c}{RESLICED_SUFFIX}") for c in safe] if is_sheared(affine) else []
+    all_targets = targets + resliced
 
     classes = class_records(expl, names)
     base = {"generator": "medcam3d", "method": method_raw, "target_layer": layer}
@@ -505,6 +512,8 @@ def save_nifti(
                 one, affine, qform_code=q, sform_code=s, descrip=descrip, intent_name=method,
                 extension=ext, source=src, storage=storage,
             ), targets[i]
+            if resliced:
+                yield _resliced_image(one, affine, meta, descrip, method, ext, storage), resliced[i]
         if four_d:
             yield _four_d(), targets[-1]
 
@@ -524,10 +533,44 @@ def save_nifti(
         )
 
     inputs = _flatten_paths(source_paths) + _flatten_paths(meta.get("filename_or_obj"))
-    _prepare_targets(targets, out, inputs, overwrite)
+    _prepare_targets(all_targets, out, inputs, overwrite)
+    if resliced:
+        _warn_resliced(affine, resliced[0])
     written = _write_all(items(), overwrite, threads=threads)
-    if len(written) != len(targets):
+    if len(written) != len(all_targets):
         for p in written:
             _unlink_quiet(p)
         raise ExportError(f"{len(written)} map(s) came for {k} class name(s); nothing was written.")
     return written
+
+
+def _resliced_image(
+    one: np.ndarray, affine: np.ndarray, meta: dict[str, Any], descrip: str, intent_name: str,
+    extension: dict[str, Any], storage: str,
+) -> Any:
+    """One class map resliced onto the orthogonal grid of a sheared scan (see medcam3d.io.reslice)."""
+    import torch
+    from monai.data import MetaTensor
+
+    keep = {key: meta[key] for key in ("filename_or_obj", "sform_code") if key in meta}
+    src = MetaTensor(torch.from_numpy(np.ascontiguousarray(one))[None], affine=torch.as_tensor(affine), meta=keep)
+    src.meta["space"] = "RAS"  # ``affine`` is the RAS affine (converted from LPS where needed)
+    out = reslice_orthogonal(src, fill=0.0)
+    code = int(out.meta["sform_code"])
+    return build_nifti(
+        out.as_tensor()[0].numpy(), to_numpy_affine(out.affine), qform_code=code, sform_code=code,
+        descrip=f"{descrip} resliced"[:80], intent_name=intent_name, extension=extension, storage=storage,
+    )
+
+
+def _warn_resliced(affine: np.ndarray, first: Path) -> None:
+    import warnings
+
+    warnings.warn(
+        f"The scan's voxel axes are sheared by {shear_degrees(affine):.2f} degrees (gantry tilt): the maps "
+        "on its own grid are right in world space (nibabel, MONAI, napari) but ITK-based viewers (3D Slicer, "
+        f"ITK-SNAP) cannot open them, so orthogonal resliced copies are written too ({first.name}, ...). "
+        "Overlay them on the scan resliced the same way (medcam3d.io.reslice_orthogonal + "
+        "medcam3d.io.save_volume_nifti; the medcam3d command writes <case>_ct_resliced.nii.gz).",
+        stacklevel=3,
+    )

@@ -128,6 +128,7 @@ def _load_nifti(p: Path) -> Any:
             "truncated or corrupt (interrupted download or copy); copy or export it again."
         ) from e
     meta["filename_or_obj"] = str(p)
+    _keep_file_geometry(meta, hdr_img)
     img = MetaTensor.ensure_torch_and_prune_meta(np.asarray(arr, dtype=np.float32), meta)
     img = EnsureChannelFirst()(img)
     if tuple(img.shape) != (1, *shape[:3]):  # pragma: no cover - guard against reader changes
@@ -142,6 +143,28 @@ def _load_nifti(p: Path) -> Any:
     for key in _DROP_NIFTI_KEYS:
         img.meta.pop(key, None)
     return img
+
+
+def _keep_file_geometry(meta: dict[str, Any], hdr_img: Any) -> None:
+    """Restore the file's own affine and qform/sform fields in ``meta`` (in place).
+
+    MONAI's reader "corrects" a header whose pixdim disagrees with the affine's column norms
+    (``correct_nifti_header_if_necessary``): it may replace the sform by the qform even when the qform
+    code is 0, i.e. by a transform the file says not to use. A sheared sform (gantry tilt, whose
+    column norm differs from the slice spacing in pixdim) written with an unused identity qform came
+    back with an identity affine. The NIfTI standard and nibabel place the image by the sform when
+    ``sform_code > 0``, else the qform, else pixdim: that is ``hdr_img.affine``, read before MONAI
+    touched anything, and the header fields are the file's own so maps can carry them verbatim.
+    """
+    from medcam3d.io.xform import QFORM_FIELDS, SFORM_FIELDS
+
+    affine = np.array(hdr_img.affine, dtype=np.float64)
+    meta["affine"] = affine
+    meta["original_affine"] = affine.copy()
+    header = hdr_img.header
+    for key in (*QFORM_FIELDS, *SFORM_FIELDS, "pixdim"):
+        meta[key] = np.array(header[key], copy=True)
+    meta["original_pixdim"] = np.array(header["pixdim"], copy=True)
 
 
 def _load_dicom(folder: Path, series_uid: str | None, allow_non_ct: bool) -> Any:
