@@ -57,14 +57,14 @@ def _write_ct(path, qaff, qcode, saff, scode) -> None:
 def _nib_centroid(path) -> np.ndarray:
     img = nib.load(str(path))
     data = np.asarray(img.dataobj, dtype=np.float64)
-    ijk = np.argwhere(data > 0).mean(axis=0)
+    ijk = np.argwhere(data > 0.5 * data.max()).mean(axis=0)  # the cube (not round-off around it)
     return img.affine[:3, :3] @ ijk + img.affine[:3, 3]
 
 
 def _itk_centroid(path) -> np.ndarray:
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayViewFromImage(img)  # (z, y, x)
-    zyx = np.argwhere(arr > 0).mean(axis=0)
+    zyx = np.argwhere(arr > 0.5 * arr.max()).mean(axis=0)
     return np.array(img.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]]))
 
 

@@ -74,7 +74,8 @@ def test_cli_prints_and_manifest_records_the_fraction(tmp_path, capsys):
 
     scan = tmp_path / "in" / "padded.nii.gz"
     scan.parent.mkdir()
-    img = nib.Nifti1Image(np.full((20, 18, 10), 50, np.int16), AFFINE)
+    hu = np.random.default_rng(0).normal(-300, 200, size=(20, 18, 10)).clip(-1024, 1500)  # CT-like values
+    img = nib.Nifti1Image(hu.astype(np.int16), AFFINE)
     img.set_qform(AFFINE, code=1)
     img.set_sform(AFFINE, code=1)
     nib.save(img, str(scan))
