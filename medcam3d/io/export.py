@@ -1,7 +1,8 @@
 """Write explanation maps as NIfTI files that open on the source scan in any viewer.
 
-Each file is float32 with the source's RAS affine in both qform and sform (with the source's codes),
-``cal_min``/``cal_max`` set to the map's range, a short ``descrip`` and a JSON comment extension
+Each file is float32; a map on a NIfTI scan's own grid carries that scan's qform and sform header
+fields verbatim (:mod:`medcam3d.io.xform`), any other map its RAS affine in both qform and sform
+(codes from meta, else 1); ``cal_min``/``cal_max`` set to the map's range, a short ``descrip`` and a JSON comment extension
 (method, layer, class, score). Nothing from the patient goes into headers or file names.
 
 Writes are all-or-nothing: every target is checked first (existing file, input file), each file is
@@ -409,8 +410,10 @@ def save_nifti(
 
     Files are ``{stem}_{method}_{class}.nii.gz`` (and ``{stem}_{method}_all-classes.nii.gz``), every
     part reduced to ``[A-Za-z0-9._-]``; ``stem`` defaults to "medcam3d" and is never taken from the
-    scan. The affine is ``expl.maps.affine`` (RAS), stored in qform and sform with the source's codes
-    (from meta ``qform_code``/``sform_code``, else 1 = scanner).
+    scan. On a NIfTI scan's own grid the scan's qform and sform fields (quaternion, offsets, qfac,
+    pixdim, srow, codes) are copied verbatim, so ITK and nibabel each place the map where they place
+    the scan; otherwise the affine ``expl.maps.affine`` (RAS) goes into qform and sform with codes
+    from meta ``qform_code``/``sform_code``, else 1 = scanner.
 
     Args:
         expl: an Explanation (duck-typed: ``maps`` (K, X, Y, Z) MetaTensor, ``class_names``,

@@ -32,19 +32,23 @@ def load_volume(
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, or a folder holding the DICOM files of a series (with or
-            without ``.dcm`` suffix; non-DICOM files are ignored; subfolders are not searched).
+            without ``.dcm`` suffix; subfolders are not searched). Foreign files (plain text,
+            another extension, hidden, DICOM without image of another SOP class) are ignored and
+            listed in ``meta['load_notes']``; a file that looks like a damaged slice is an error.
         series_uid: SeriesInstanceUID to pick when the folder holds several series.
         allow_non_ct: DICOM only: accept a Modality other than CT (values are then not HU).
 
     Returns:
         MetaTensor whose ``.affine`` is the RAS affine of the file's own voxel grid (as MONAI's
         ``LoadImage`` gives). NIfTI meta keeps the header's numeric fields (incl. ``qform_code`` and
-        ``sform_code``); DICOM meta keeps ``SeriesInstanceUID``, ``Modality`` and slice step/thickness,
-        never patient identifiers.
+        ``sform_code``) as in the file; DICOM meta keeps ``SeriesInstanceUID``, ``Modality``, slice
+        step/thickness and ``load_notes`` (ignored files, fitted slice positions), never patient
+        identifiers.
 
     Raises:
-        VolumeLoadError: missing path, unreadable/truncated file, not 3D, non-finite voxels, several
-            DICOM series without ``series_uid``, missing slices or uneven spacing, non-CT modality...
+        VolumeLoadError: missing path, unreadable/truncated file (a truncated DICOM slice too, named),
+            not 3D, non-finite voxels, several DICOM series without ``series_uid``, missing slices or
+            uneven spacing beyond rounding, non-CT modality...
     """
     p = Path(path).expanduser()
     if not p.exists():
