@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_volume": "medcam3d.io",
     "save_nifti": "medcam3d.io",
+    "load_explanation": "medcam3d.io.maps",
     "explain_volume": "medcam3d.spatial",
     "Explanation": "medcam3d.explanation",
     "build_preprocessing": "medcam3d.spatial",

@@ -55,7 +55,7 @@ def test_round_trip_header_and_data(ct, tmp_path):
     expl = make_expl(ct)
     out = tmp_path / "out"
     paths = save_nifti(expl, out)
-    assert [p.name for p in paths] == ["medcam3d_hirescam_nodule.nii.gz", "medcam3d_hirescam_mass.nii.gz"]
+    assert [p.name for p in paths] == ["example_ct_sm_hirescam_nodule.nii.gz", "example_ct_sm_hirescam_mass.nii.gz"]
     assert files_under(tmp_path) == sorted(paths)  # nothing else, no temp files
     src = nib.load(CT_SM)
     for i, p in enumerate(paths):
@@ -99,7 +99,7 @@ def test_dicom_source_scanner_codes_and_round_trip(tmp_path):
 def test_four_d(ct, tmp_path):
     expl = make_expl(ct, names=("a", "b", "c"))
     paths = save_nifti(expl, tmp_path, four_d=True)
-    assert len(paths) == 4 and paths[-1].name == "medcam3d_hirescam_all-classes.nii.gz"
+    assert len(paths) == 4 and paths[-1].name == "example_ct_sm_hirescam_all-classes.nii.gz"
     img = nib.load(paths[-1])
     assert img.shape == (*ct.shape[1:], 3) and img.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.moveaxis(expl.maps.numpy(), 0, -1))
@@ -122,7 +122,7 @@ def test_names_are_sanitised_and_stay_in_out_dir(ct, tmp_path):
 
 
 def test_existing_file_without_overwrite_writes_nothing(ct, tmp_path):
-    existing = tmp_path / "medcam3d_hirescam_mass.nii.gz"
+    existing = tmp_path / "example_ct_sm_hirescam_mass.nii.gz"
     existing.write_bytes(b"keep me")
     with pytest.raises(ExportError, match="already exist"):
         save_nifti(make_expl(ct), tmp_path)
@@ -132,7 +132,7 @@ def test_existing_file_without_overwrite_writes_nothing(ct, tmp_path):
 
 
 def test_output_equal_to_source_path_is_refused(ct, tmp_path):
-    src = tmp_path / "medcam3d_hirescam_nodule.nii.gz"
+    src = tmp_path / "example_ct_sm_hirescam_nodule.nii.gz"
     shutil.copy(CT_SM, src)
     before = src.read_bytes()
     with pytest.raises(ExportError, match="input file"):
@@ -150,7 +150,7 @@ def test_output_equal_to_volume_filename_is_refused(tmp_path):
     shutil.copy(CT_SM, src)
     vol = load_volume(src)
     with pytest.raises(ExportError, match="input file"):
-        save_nifti(make_expl(vol), tmp_path, overwrite=True)
+        save_nifti(make_expl(vol), tmp_path, stem="medcam3d", overwrite=True)
     assert src.read_bytes() == CT_SM.read_bytes() and files_under(tmp_path) == [src]
 
 
@@ -186,7 +186,7 @@ def test_failure_while_placing_leaves_nothing(ct, tmp_path, monkeypatch):
         save_nifti(make_expl(ct), tmp_path / "out")
     assert files_under(tmp_path) == []
     # with overwrite=True the files that were replaced before the failure come back unchanged
-    old = [tmp_path / "medcam3d_hirescam_nodule.nii.gz", tmp_path / "medcam3d_hirescam_mass.nii.gz"]
+    old = [tmp_path / "example_ct_sm_hirescam_nodule.nii.gz", tmp_path / "example_ct_sm_hirescam_mass.nii.gz"]
     for p in old:
         p.write_bytes(b"old " + p.name.encode())
     calls.clear()
@@ -237,3 +237,16 @@ def test_save_volume_nifti_uncompressed_round_trip(ct, tmp_path):
     with pytest.raises(ExportError, match="input file"):
         save_volume_nifti(ct, CT_SM, overwrite=True)
     assert files_under(tmp_path) == [p]
+
+
+def test_default_stem_is_the_scan_file_name_and_a_nifti_path_is_a_file(ct, tmp_path):
+    # two scans saved into one folder do not collide: each map is named after its scan
+    (p,) = save_nifti(make_expl(ct, names=("nodule",)), tmp_path / "out")
+    assert p.name == "example_ct_sm_hirescam_nodule.nii.gz"
+    # a path ending in .nii.gz is the file to write, not a folder of that name
+    (f,) = save_nifti(make_expl(ct, names=("nodule",)), tmp_path / "o2" / "map.nii.gz")
+    assert f == tmp_path / "o2" / "map.nii.gz" and f.is_file()
+    assert nib.load(f).shape == ct.shape[1:]
+    with pytest.raises(ExportError, match="names one NIfTI file but the explanation holds 2 map"):
+        save_nifti(make_expl(ct), tmp_path / "o3" / "map.nii.gz")
+    assert not (tmp_path / "o3").exists()

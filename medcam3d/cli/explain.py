@@ -175,7 +175,7 @@ def _explain_case(
                 png = case_dir / f"{case.case_id}_{method}_montage.png"
                 written.append(timer.montage(lambda: save_montage(
                     loaded.volume, expl, png, cfg.output.window.limits,
-                    title=f"{case.case_id} - {method}", panels=panels)))
+                    title=f"{case.case_id} - {method}", panels=panels, mask=mask)))
                 files = [*files, png]
             total = time.perf_counter() - t0 + (shared if i == 0 else 0.0)
             stages = {

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medcam3d import __version__
 
     parser.add_argument("--version", action="version", version=f"medcam3d {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{explain,view,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{explain,view,montage,demo}")
     sub.required = True
 
     ex = sub.add_parser(
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("scan", help="the scan: NIfTI file or DICOM series folder")
     vw.add_argument("maps", nargs="*", metavar="MAP", help="map NIfTI files written by explain")
     vw.add_argument("--window", default="lung", help="CT window name (lung, mediastinum, ...) or LEVEL,WIDTH")
+
+    mt = sub.add_parser("montage", help="re-render PNG montages of a finished run from its saved maps",
+                        description="Re-render OUTPUT/<case>/<case>_<method>_montage.png from the map NIfTI "
+                        "files and the manifest of a finished 'medcam3d explain' run, without running the "
+                        "model (e.g. to change the CT window).")
+    mt.add_argument("output", type=Path, metavar="OUTPUT", help="the --output folder of an explain run")
+    mt.add_argument("--window", default="lung", help="CT window name (lung, mediastinum, ...) or LEVEL,WIDTH")
+    mt.add_argument("--case", nargs="+", default=None, metavar="ID", help="only these case ids")
+    mt.add_argument("--quiet", action="store_true", help="no per-case messages")
 
     dm = sub.add_parser("demo", help="explain a bundled demo scan with the bundled demo model")
     dm.add_argument("--output", type=Path, default=Path("medcam3d-demo-output"), metavar="DIR",
@@ -157,6 +166,14 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_montage(args: argparse.Namespace) -> int:
+    from medcam3d.cli.montage_cmd import rerender
+
+    done = rerender(args.output, parse_window(args.window), args.case, args.quiet)
+    print(f"medcam3d montage: {len(done.written)} written, {len(done.failed)} failed; in {args.output.resolve()}")
+    return EXIT_FAILED if done.failed else EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medcam3d.cli.demo import demo_assets, peak_vs_lesion
     from medcam3d.cli.explain import ExplainOptions, run_explain
@@ -210,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # --help / --version (0) or a usage error (2, message printed)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    handlers = {"explain": _cmd_explain, "view": _cmd_view, "demo": _cmd_demo}
+    handlers = {"explain": _cmd_explain, "view": _cmd_view, "montage": _cmd_montage, "demo": _cmd_demo}
     try:
         with _one_line_warnings():
             return handlers[args.command](args)

@@ -393,6 +393,23 @@ def _evidence(expl: Any, i: int, logit: float | None, shown: Any = None) -> dict
             "no_positive_evidence": bal.no_positive_evidence, "flag": bal.flag()}
 
 
+NIFTI_FILE_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _scan_stem(meta: dict[str, Any]) -> str:
+    """File-name stem of the scan the maps sit on (``meta['filename_or_obj']``), else DEFAULT_STEM."""
+    src = meta.get("filename_or_obj")
+    if isinstance(src, (list, tuple)):
+        src = src[0] if len(src) == 1 else None
+    if not isinstance(src, (str, os.PathLike)) or not str(src):
+        return DEFAULT_STEM
+    name = Path(str(src)).name
+    for suffix in NIFTI_FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name  # a DICOM series folder's name
+
+
 def save_nifti(
     expl: Explanation,
     out_dir: str | os.PathLike[str],
@@ -409,17 +426,19 @@ def save_nifti(
     """Save one NIfTI per class (plus one 4D file if ``four_d``) on the source scan's grid.
 
     Files are ``{stem}_{method}_{class}.nii.gz`` (and ``{stem}_{method}_all-classes.nii.gz``), every
-    part reduced to ``[A-Za-z0-9._-]``; ``stem`` defaults to "medcam3d" and is never taken from the
-    scan. On a NIfTI scan's own grid the scan's qform and sform fields (quaternion, offsets, qfac,
-    pixdim, srow, codes) are copied verbatim, so ITK and nibabel each place the map where they place
-    the scan; otherwise the affine ``expl.maps.affine`` (RAS) goes into qform and sform with codes
-    from meta ``qform_code``/``sform_code``, else 1 = scanner.
+    part reduced to ``[A-Za-z0-9._-]``; ``stem`` defaults to the scan's file (or DICOM folder) name
+    without suffix (``meta['filename_or_obj']``), else "medcam3d". An ``out_dir`` ending in ``.nii`` or
+    ``.nii.gz`` names the one file to write (one class, no ``four_d``; else ExportError). On a NIfTI
+    scan's own grid the scan's qform and sform fields (quaternion, offsets, qfac, pixdim, srow, codes)
+    are copied verbatim, so ITK and nibabel each place the map where they place the scan; otherwise
+    the affine ``expl.maps.affine`` (RAS) goes into qform and sform with codes from meta
+    ``qform_code``/``sform_code``, else 1 = scanner.
 
     Args:
         expl: an Explanation (duck-typed: ``maps`` (K, X, Y, Z) MetaTensor, ``class_names``,
             ``method``, ``target_layer``, optional ``logits``/``probabilities``).
-        out_dir: folder to write into (created if missing).
-        stem: file-name prefix chosen by the caller.
+        out_dir: folder to write into (created if missing), or a ``.nii``/``.nii.gz`` file path.
+        stem: file-name prefix (default: the scan's file name, see above).
         class_names: names to use instead of ``expl.class_names`` (K of them).
         four_d: also write all classes in one 4D file (X, Y, Z, K).
         overwrite: replace existing files; otherwise an existing target is an error.
@@ -471,8 +490,14 @@ def save_nifti(
     method_raw = str(getattr(expl, "method", "") or "map")
     layer = str(getattr(expl, "target_layer", "") or "")
     method = sanitize_name(method_raw, "map")
-    stem_s = sanitize_name(stem if stem is not None else DEFAULT_STEM, DEFAULT_STEM)
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    single = out.name.lower().endswith(NIFTI_FILE_SUFFIXES)  # "out/map.nii.gz" names a file
+    if single and (k != 1 or four_d):
+        raise ExportError(
+            f"{str(out_dir)!r} names one NIfTI file but the explanation holds {k} map(s)"
+            f"{' and four_d=True' if four_d else ''}; give a folder (one file per class is written) or "
+            "explain one class.")
+    stem_s = sanitize_name(stem if stem is not None else _scan_stem(meta), DEFAULT_STEM)
 
     used: set[str] = set()
 
@@ -485,7 +510,9 @@ def save_nifti(
         return out / name
 
     safe = [sanitize_name(nm, f"class{i}") for i, nm in enumerate(names)]
-    targets = [unique(c) for c in safe]
+    targets = [out] if single else [unique(c) for c in safe]
+    if single:
+        out = out.parent
     if four_d:
         targets.append(unique("all-classes"))
     # gantry tilt: ITK cannot open the sheared source grid, so each class also gets an orthogonal copy
