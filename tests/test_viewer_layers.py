@@ -27,6 +27,8 @@ SHAPE = (12, 10, 8)
 # anisotropic RAS grid with an origin far from 0
 AFFINE = np.array([[2.0, 0, 0, -30.0], [0, 3.0, 0, 40.0], [0, 0, 5.0, -100.0], [0, 0, 0, 1]])
 
+PLUGIN = "medcam3d-hirescam"  # npe2 plugin name = the distribution name (pyproject [project].name)
+
 
 def meta_tensor(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), affine=torch.as_tensor(affine), meta={"space": "RAS"})
@@ -154,7 +156,7 @@ def test_view_bad_input_raises_before_adding_anything(make_napari_viewer):
 def test_reader_opens_ct_with_load_volume_geometry(make_napari_viewer, name):
     path = DATA / name
     viewer = make_napari_viewer()
-    layers = viewer.open(str(path), plugin="medcam3d")
+    layers = viewer.open(str(path), plugin=PLUGIN)
     ref = medcam3d.load_volume(path)
     assert len(layers) == 1 and type(layers[0]).__name__ == "Image"
     layer = layers[0]
@@ -176,7 +178,7 @@ def test_reader_opens_medcam3d_maps_as_heat_layers(make_napari_viewer, tmp_path)
     volume, expl = make_case()
     paths = medcam3d.save_nifti(expl, tmp_path, stem="case", four_d=True)
     viewer = make_napari_viewer()
-    layers = viewer.open(str(paths[0]), plugin="medcam3d")
+    layers = viewer.open(str(paths[0]), plugin=PLUGIN)
     assert [ly.name for ly in layers] == ["nodule (hirescam)"]
     (heat,) = layers
     assert heat.blending == "additive" and heat.metadata["medcam3d"]["kind"] == "heat"
@@ -184,7 +186,7 @@ def test_reader_opens_medcam3d_maps_as_heat_layers(make_napari_viewer, tmp_path)
     assert np.allclose(world_affine(heat), AFFINE)
     assert list(heat.contrast_limits) == pytest.approx([0.2, 1.0])
     viewer.layers.clear()
-    four = viewer.open(str(paths[-1]), plugin="medcam3d")  # the 4D file: every class, shared limits
+    four = viewer.open(str(paths[-1]), plugin=PLUGIN)  # the 4D file: every class, shared limits
     assert [ly.name for ly in four] == ["nodule (hirescam)", "effusion (hirescam)"]
     assert all(list(ly.contrast_limits) == pytest.approx([0.2, 1.0]) for ly in four)
     assert np.array_equal(four[1].data, expl.maps[1].numpy())

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.napari
 
 MANIFEST = Path(__file__).parents[1] / "medcam3d" / "viewer" / "napari.yaml"
 
+PLUGIN = "medcam3d-hirescam"  # npe2 plugin name = the distribution name (pyproject [project].name)
+
 
 def test_manifest_validates_and_imports():
     from npe2 import PluginManifest
@@ -30,15 +32,15 @@ def test_sample_data_and_widgets_load_through_napari(make_napari_viewer):
     from medcam3d.viewer.sample_data import SAMPLE_SEED
 
     viewer = make_napari_viewer()
-    viewer.open_sample("medcam3d", "synthetic_chest_ct")
+    viewer.open_sample(PLUGIN, "synthetic_chest_ct")
     ct = viewer.layers["synthetic chest CT"]
     case = make_chest_ct(SAMPLE_SEED, present={"nodule": True, "effusion": True, "consolidation": True})
     assert np.allclose(ct.affine.affine_matrix, case.affine)
     assert list(ct.contrast_limits) == [-1350.0, 150.0]  # a chest CT opens in the lung window
     nodule = viewer.layers["nodule (mask)"]
     assert np.array_equal(np.asarray(nodule.data) > 0, case.masks["nodule"] > 0)
-    _, explain = viewer.window.add_plugin_dock_widget("medcam3d", "Explain (HiResCAM / Grad-CAM)")
-    _, window = viewer.window.add_plugin_dock_widget("medcam3d", "CT window")
+    _, explain = viewer.window.add_plugin_dock_widget(PLUGIN, "Explain (HiResCAM / Grad-CAM)")
+    _, window = viewer.window.add_plugin_dock_widget(PLUGIN, "CT window")
     explain.reset_choices()
     assert explain.ct_layer.value is ct
     window.reset_choices()
@@ -55,7 +57,7 @@ def test_bundled_demo_scan_sample_matches_the_shipped_files(make_napari_viewer):
     from medcam3d.data import demo_scan_paths
 
     viewer = make_napari_viewer()
-    viewer.open_sample("medcam3d", "demo_chest_ct")
+    viewer.open_sample(PLUGIN, "demo_chest_ct")
     paths = demo_scan_paths()
     ct = viewer.layers["demo chest CT"]
     src = nib.load(str(paths["ct"]))
@@ -63,3 +65,13 @@ def test_bundled_demo_scan_sample_matches_the_shipped_files(make_napari_viewer):
     assert np.allclose(np.asarray(ct.data), np.asarray(src.dataobj, dtype=np.float32))
     nodule = viewer.layers["nodule (mask)"]
     assert np.array_equal(np.asarray(nodule.data) > 0, np.asarray(nib.load(str(paths["nodule"])).dataobj) > 0)
+
+
+def test_manifest_name_is_the_distribution_name():
+    # npe2 refuses a plugin whose manifest name differs from its package's distribution name
+    import tomllib
+
+    from npe2 import PluginManifest
+
+    dist = tomllib.loads((MANIFEST.parents[2] / "pyproject.toml").read_text())["project"]["name"]
+    assert PluginManifest.from_file(MANIFEST).name == dist == PLUGIN
