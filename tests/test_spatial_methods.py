@@ -148,3 +148,37 @@ def test_explain_volume_refuses_duplicate_methods_and_method_with_methods():
         explain_volume(Net(), _volume(), WINDOW, methods=["gradcam", "gradcam"])
     with pytest.raises(InputError, match="not both"):
         explain_volume(Net(), _volume(), WINDOW, "gradcam", methods=["hirescam"])
+
+
+def test_cli_default_methods_share_one_forward_and_one_backward(tmp_path, monkeypatch):
+    """medcam3d explain with methods [hirescam, gradcam]: per case one engine pass, one model
+    forward (no probe, the layer is named) and one autograd.grad call for both methods."""
+    from helpers_models import write_config, write_scan
+
+    from medcam3d.cli.main import main
+    from medcam3d.engine import onepass
+
+    cfg = write_config(tmp_path / "cfg", methods=["hirescam", "gradcam"], output={"montage": False})
+    scan = write_scan(tmp_path / "in" / "scan0.nii.gz", seed=0)
+    calls = {"pass": [], "grad": 0, "forward": 0}
+    real_pass, real_grad = onepass.run_pass, torch.autograd.grad
+
+    def counting_pass(cams, *args, **kwargs):
+        calls["pass"].append([c.method for c in cams])
+        handle = cams[0].module.register_forward_pre_hook(
+            lambda m, i: calls.__setitem__("forward", calls["forward"] + 1))
+        try:
+            return real_pass(cams, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    def counting_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(onepass, "run_pass", counting_pass)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    assert main(["explain", "--config", str(cfg), "--input", str(scan), "--output", str(tmp_path / "out")]) == 0
+    assert calls["pass"] == [["hirescam", "gradcam"]]
+    assert calls["forward"] == 1 and calls["grad"] == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "scan0").glob("*.nii.gz"))  # both methods wrote maps
