@@ -12,7 +12,10 @@ clock changes) evenly over the rows, so the printed ratios compare like with lik
 
 Rows: plain inference (torch.no_grad); medcam3d HiResCAM with K = 1, 4, 16 classes from one call
 (maps upsampled to the input size, i.e. what a user gets); medcam3d with K=16 reading only the
-feature-resolution raw maps; MONAI's GradCAM, one class per call as it works, for K = 1 and 4.
+feature-resolution raw maps; every other engine method at K = 16 (``cam:<method>``); HiResCAM and
+Grad-CAM from ONE pass (``cam:hirescam+gradcam``, what ``medcam3d explain`` runs by default) and,
+for comparison, as two separate calls (``separate:hirescam+gradcam``); all seven layer methods from
+one pass; MONAI's GradCAM, one class per call as it works, for K = 1 and 4.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ CONFIGS = {
     "densenet121-3d@96": ("DenseNet121", 96, "class_layers.relu"),
     "resnet18-3d@128": ("resnet18", 128, "layer4"),
 }
+LAYER_METHODS = ("hirescam", "gradcam", "gradcampp", "xgradcam", "layercam", "gradcam_elementwise", "eigencam")
 ROWS = [
     ("inference", 0),
     ("medcam3d", 1),
     ("medcam3d", 4),
     ("medcam3d", 16),
     ("medcam3d-raw-only", 16),
+    *[(f"cam:{m}", 16) for m in LAYER_METHODS[1:]],
+    ("cam:gradxinput", 1),  # a backward through the WHOLE network: its floor, K = 1
+    ("cam:hirescam+gradcam", 16),
+    ("separate:hirescam+gradcam", 16),
+    ("cam:" + "+".join(LAYER_METHODS), 16),
     ("monai-gradcam", 1),
     ("monai-gradcam", 4),
 ]
@@ -65,6 +74,20 @@ def make_runner(model, x, layer: str, kind: str, k: int):
         def run():
             with torch.no_grad():
                 return model(x)
+
+    elif kind.startswith("cam:"):  # one MultiCAM pass for every method named
+        multi = medcam3d.MultiCAM(model, kind[4:].split("+"), layer)
+        classes = list(range(k))
+
+        def run():
+            return [r.maps for r in multi(x, classes).values()]
+
+    elif kind.startswith("separate:"):  # one call per method, each its own forward and backward
+        cams = [medcam3d.make_cam(m, model, layer) for m in kind[9:].split("+")]
+        classes = list(range(k))
+
+        def run():
+            return [cam(x, classes).maps for cam in cams]
 
     elif kind.startswith("medcam3d"):
         cam = medcam3d.HiResCAM(model, layer)
@@ -150,6 +173,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the per-row memory subprocesses (times only)")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "KIND", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -167,6 +192,9 @@ def main() -> None:
     for config in args.configs:
         results = {}
         for kind, k in ROWS:
+            if args.no_memory:
+                results[(kind, k)] = {"peak_mb": float("nan")}
+                continue
             proc = subprocess.run(
                 [sys.executable, __file__, "--device", args.device, "--child", config, kind, str(k)],
                 capture_output=True, text=True, check=False,
@@ -182,6 +210,8 @@ def main() -> None:
         print("| method | K | time (s) | × inference time | × MONAI GradCAM time (same K) | peak mem (MB) | × inference peak mem |")
         print("|---|---|---|---|---|---|---|")
         for kind, k in ROWS:
+            if (kind, k) not in results:
+                continue
             r = results[(kind, k)]
             monai = results.get(("monai-gradcam", k))
             vs_monai = f"{r['seconds'] / monai['seconds']:.3f}" if monai and kind != "inference" else "–"

@@ -198,7 +198,7 @@ def test_windows_are_level_width():
     assert WINDOWS["lung"].limits == (-1350.0, 150.0)
 
 
-@pytest.mark.parametrize("name", ["densenet121_3d.yaml", "resnet18_3d.yaml", "template.yaml"])
+@pytest.mark.parametrize("name", ["densenet121_3d.yaml", "resnet18_3d.yaml", "template.yaml", "unet_region.yaml"])
 def test_sample_configs_load_with_random_weights(name, recwarn):
     cfg = load_run_config(SAMPLES / name, allow_random_weights=True)
     assert cfg.random_weights and cfg.methods

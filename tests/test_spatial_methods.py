@@ -182,3 +182,22 @@ def test_cli_default_methods_share_one_forward_and_one_backward(tmp_path, monkey
     assert calls["pass"] == [["hirescam", "gradcam"]]
     assert calls["forward"] == 1 and calls["grad"] == 1
     assert sorted(p.name for p in (tmp_path / "out" / "scan0").glob("*.nii.gz"))  # both methods wrote maps
+
+
+def test_sample_unet_region_config_explains_a_box_exactly():
+    """sample_configs/unet_region.yaml: the region score, and HiResCAM's completeness at the input of
+    the last convolution (the logits are linear there)."""
+    from pathlib import Path
+
+    from medcam3d.engine import completeness_gap
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "sample_configs" / "unet_region.yaml",
+                          allow_random_weights=True)
+    vol = _volume((40, 36, 30))
+    out = explain_volume(cfg.model, vol, **cfg.explain_kwargs())
+    assert list(out) == ["hirescam", "gradcam"] and out["hirescam"].class_names == ["tumour"]
+    assert out["hirescam"].maps.shape[1:] == vol.shape[1:]
+    x = model_input(vol, cfg.preprocess).as_tensor()[None]
+    c = completeness_gap(medcam3d.HiResCAM(cfg.model, cfg.target_layer), x, [1], score=cfg.score)
+    assert c.holds()
+    torch.testing.assert_close(c.score[0, 0], out["hirescam"].logits[0])
