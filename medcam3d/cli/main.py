@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: config, else auto)")
     ex.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
                     help="accepted for forward compatibility; cases are explained one at a time")
-    ex.add_argument("--amp", action="store_true", help="autocast (bf16/fp16) on CUDA; maps stay float32")
+    ex.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, bf16/fp16 on CUDA; maps stay float32")
     ex.add_argument("--allow-random-weights", action="store_true",
                     help="run a config without a checkpoint (untrained model; testing only)")
     ex.add_argument("--keep-identifiers", action="store_true",
