@@ -1,7 +1,8 @@
 """medcam3d: faithful HiResCAM / Grad-CAM explanations of 3D CT classifiers, on the scan's own grid.
 
-The engine (tensors only) is imported eagerly; file I/O, spatial mapping, metrics and the napari
-viewer are imported on first use so ``import medcam3d`` stays light and never needs Qt.
+Every public name is imported on first use (the engine pulls in torch; I/O, spatial mapping and
+metrics pull in MONAI and nibabel; the viewer napari), so ``import medcam3d`` and ``medcam3d --help``
+import none of them, and ``import medcam3d`` never needs Qt. Only the error classes are eager.
 """
 
 from __future__ import annotations
@@ -9,26 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from medcam3d.engine import (
-    METHODS,
-    CAMResult,
-    ClassSpec,
-    Completeness,
-    EigenCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    GradientXInput,
-    HiResCAM,
-    LayerCAM,
-    MultiCAM,
-    OutputKey,
-    RegionScore,
-    Similarity,
-    XGradCAM,
-    completeness_gap,
-    make_cam,
-)
 from medcam3d.errors import (
     ClassIndexError,
     ConfigError,
@@ -41,8 +22,26 @@ from medcam3d.errors import (
 
 __version__ = "0.1.0"
 
-# Public names that live in modules with heavier dependencies (monai, nibabel, napari).
+# Public names that live in modules with heavier dependencies (torch, monai, nibabel, napari).
 _LAZY = {
+    "METHODS": "medcam3d.engine",
+    "CAMResult": "medcam3d.engine",
+    "ClassSpec": "medcam3d.engine",
+    "Completeness": "medcam3d.engine",
+    "EigenCAM": "medcam3d.engine",
+    "GradCAM": "medcam3d.engine",
+    "GradCAMElementWise": "medcam3d.engine",
+    "GradCAMPlusPlus": "medcam3d.engine",
+    "GradientXInput": "medcam3d.engine",
+    "HiResCAM": "medcam3d.engine",
+    "LayerCAM": "medcam3d.engine",
+    "MultiCAM": "medcam3d.engine",
+    "OutputKey": "medcam3d.engine",
+    "RegionScore": "medcam3d.engine",
+    "Similarity": "medcam3d.engine",
+    "XGradCAM": "medcam3d.engine",
+    "completeness_gap": "medcam3d.engine",
+    "make_cam": "medcam3d.engine",
     "load_volume": "medcam3d.io",
     "save_nifti": "medcam3d.io",
     "load_explanation": "medcam3d.io.maps",
@@ -67,30 +66,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "METHODS",
-    "CAMResult",
     "ClassIndexError",
-    "ClassSpec",
-    "Completeness",
     "ConfigError",
-    "EigenCAM",
     "ExportError",
-    "GradCAM",
-    "GradCAMElementWise",
-    "GradCAMPlusPlus",
-    "GradientXInput",
-    "HiResCAM",
     "InputError",
-    "LayerCAM",
     "Medcam3dError",
-    "MultiCAM",
-    "OutputKey",
-    "RegionScore",
-    "Similarity",
     "TargetLayerError",
     "VolumeLoadError",
-    "XGradCAM",
-    "completeness_gap",
-    "make_cam",
     *_LAZY,
 ]

@@ -33,9 +33,9 @@ def test_usage_error_exit_2(capsys):
 def test_explain_arguments_parse():
     args = build_parser().parse_args(["explain", "--config", "c.yaml", "--input", "a.nii.gz", "b",
                                       "--output", "o", "--workers", "3", "--device", "cuda:1", "--amp",
-                                      "--manifest", "both", "--batch-size", "4"])
+                                      "--manifest", "both"])
     assert args.inputs == ["a.nii.gz", "b"] and args.workers == 3 and args.device == "cuda:1"
-    assert args.amp and args.manifest == "both" and args.batch_size == 4 and not args.overwrite
+    assert args.amp and args.manifest == "both" and not args.overwrite
 
 
 def test_view_arguments_and_windows():

@@ -2,8 +2,8 @@
 processes (torchrun), writing per-class NIfTI maps, PNG montages and a manifest.
 
 Batching: cases are explained one at a time (one forward + one batched backward over all classes
-and methods per case). ``--batch-size`` is accepted for forward compatibility but does not stack
-cases yet; loading overlaps compute through DataLoader workers instead.
+and methods per case); there is no ``--batch-size`` (it used to be accepted and ignored). Loading
+overlaps compute through DataLoader workers instead.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class ExplainOptions:
     quiet: bool = False
     workers: int = 0
     device: str | None = None
-    batch_size: int = 1
     amp: bool = False
     allow_random_weights: bool = False
     keep_identifiers: bool = False
@@ -275,9 +274,6 @@ def run_explain(opts: ExplainOptions) -> Summary:
             for row in marker.get("rows", []):
                 row = {**row, "status": "skipped", "case_index": case.index, "case_id": case.case_id}
                 writer.write(row)
-        if opts.batch_size > 1 and d.is_main and not opts.quiet:
-            print("medcam3d: note: cases are explained one at a time; --batch-size > 1 does not "
-                  "stack cases yet.", file=sys.stderr)
         bar = tqdm(total=len(todo), disable=opts.quiet or not d.is_main, unit="case",
                    desc="medcam3d explain", file=sys.stderr)
         for loaded in iter_loaded(todo, opts.workers):

@@ -67,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--workers", type=_positive_int, default=0, metavar="N",
                     help="processes that load scans ahead of the model (default 0: load in-line)")
     ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: config, else auto)")
-    ex.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
-                    help="accepted for forward compatibility; cases are explained one at a time")
     ex.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, bf16/fp16 on CUDA; maps stay float32")
     ex.add_argument("--allow-random-weights", action="store_true",
                     help="run a config without a checkpoint (untrained model; testing only)")
@@ -143,7 +141,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     opts = ExplainOptions(
         config=args.config, inputs=args.inputs, output=args.output, overwrite=args.overwrite,
-        quiet=args.quiet, workers=args.workers, device=args.device, batch_size=args.batch_size,
+        quiet=args.quiet, workers=args.workers, device=args.device,
         amp=args.amp, allow_random_weights=args.allow_random_weights,
         keep_identifiers=args.keep_identifiers, manifest=args.manifest,
     )
