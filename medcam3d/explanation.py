@@ -8,7 +8,7 @@ others to name it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,7 +45,8 @@ class Explanation:
             by preprocessing, or space beyond the volume); ``maps`` cannot show that mass. See
             :mod:`medcam3d.spatial.coverage`. None when not measured (an Explanation built by hand).
         grid: the scan MetaTensor (1, *volume_spatial) the maps sit on (set when streamed).
-        stream: for a streamed Explanation, a callable returning the per-class iterator.
+        stream: for a streamed Explanation, a callable returning the per-class iterator (optionally
+            given another target grid, see :meth:`on_grid`).
     """
 
     maps: MetaTensor | None
@@ -60,12 +61,24 @@ class Explanation:
     extra: dict[str, Any] = field(default_factory=dict)
     outside_scan_fraction: torch.Tensor | None = None
     grid: MetaTensor | None = None
-    stream: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
+    stream: Callable[..., Iterator[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def affine(self) -> torch.Tensor:
         """4x4 RAS affine of the maps (equal to the source volume's)."""
         return self.maps.affine if self.maps is not None else self.grid.affine
+
+    def on_grid(self, grid: Any) -> Explanation:
+        """A streamed copy whose maps are mapped from the model grid straight onto ``grid`` (e.g.
+        :func:`medcam3d.spatial.composed.coarser_grid`), one resampling per class.
+
+        Raises:
+            ValueError: this Explanation was not made with ``stream=True``.
+        """
+        if self.stream is None:
+            raise ValueError("on_grid needs a streamed Explanation (explain_volume(..., stream=True)).")
+        stream = self.stream
+        return replace(self, maps=None, grid=grid, stream=lambda: stream(grid))
 
     def iter_maps(self) -> Iterator[torch.Tensor]:
         """Each class's (*volume_spatial) float32 map in class order; a streamed Explanation computes

@@ -113,6 +113,10 @@ class _StageTimer:
             self.montage_s += time.perf_counter() - t
 
 
+def _np_map(m: Any) -> Any:
+    return m.detach().to("cpu").float().numpy() if hasattr(m, "detach") else m
+
+
 def _failed_rows(case: Case, out_root: Path, cfg: RunConfig, error: str, seconds: float) -> list[dict[str, Any]]:
     return [
         _row(case, out_root, m, status="failed", error=error, seconds=round(seconds, 3))
@@ -128,6 +132,7 @@ def _explain_case(
     from medcam3d.report import save_montage
     from medcam3d.report.montage import map_panel
     from medcam3d.spatial import explain_volume
+    from medcam3d.spatial.composed import coarser_grid
 
     case = loaded.case
     if loaded.error is not None:
@@ -165,10 +170,20 @@ def _explain_case(
 
             with warnings.catch_warnings():  # the tilt note is in ``notes`` (printed, manifest)
                 warnings.filterwarnings("ignore", message=".*gantry tilt", category=UserWarning)
-                files = save_nifti(
-                    timer, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
-                    source_paths=[case.path], storage=cfg.output.storage, on_map=on_map,
-                )
+                if cfg.output.spacing_mm is None:
+                    files = save_nifti(
+                        timer, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
+                        source_paths=[case.path], storage=cfg.output.storage, on_map=on_map,
+                    )
+                else:  # files on the coarser grid; scores and montage from the scan-grid maps
+                    coarse = _StageTimer(expl.on_grid(coarser_grid(loaded.volume, cfg.output.spacing_mm)))
+                    files = save_nifti(
+                        coarse, case_dir, stem=case.case_id, four_d=cfg.output.four_d, overwrite=True,
+                        source_paths=[case.path], storage=cfg.output.storage,
+                    )
+                    for k, m in enumerate(timer.iter_maps()):
+                        on_map(k, _np_map(m))
+                    timer.inverse_s += coarse.inverse_s
             written.extend(files)
             if cfg.output.montage:
                 png = case_dir / f"{case.case_id}_{method}_montage.png"

@@ -63,7 +63,7 @@ TOP_KEYS = (
     "forward_kwargs",
 )
 MODEL_KEYS = ("name", "_target_", "kwargs", "checkpoint")
-OUTPUT_KEYS = ("four_d", "montage", "window", "storage")
+OUTPUT_KEYS = ("four_d", "montage", "window", "storage", "spacing_mm")
 STORAGES = ("float32", "uint16")  # as medcam3d.io.export.STORAGES (config does not import io)
 
 
@@ -75,6 +75,7 @@ class OutputOptions:
     montage: bool = True  # PNG montage (axial/coronal/sagittal through each map's peak)
     window: Window = field(default_factory=lambda: WINDOWS["lung"])  # CT window of the montage
     storage: str = "float32"  # NIfTI data type of the maps: float32 (exact) or uint16 (scl_slope)
+    spacing_mm: float | None = None  # write maps on a coarser world-aligned grid (None: the scan's)
 
 
 @dataclass
@@ -355,6 +356,12 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
                            f"expected one of {', '.join(STORAGES)}, got {describe(output['storage'])}")
             elif output["storage"] != "float32":  # the default leaves the fingerprint unchanged
                 opts["storage"] = output["storage"]
+        sp = output.get("spacing_mm")
+        if sp is not None:
+            if isinstance(sp, bool) or not isinstance(sp, int | float) or not 0 < sp < float("inf"):
+                errors.add(join("output", "spacing_mm"), f"expected a number of mm > 0 or null, got {describe(sp)}")
+            else:
+                opts["spacing_mm"] = float(sp)
     window = _parse_window(errors, opts["window"])
     out["output"] = opts
 
@@ -503,6 +510,7 @@ def load_run_config(
         output=OutputOptions(
             four_d=spec["output"]["four_d"], montage=spec["output"]["montage"], window=window,
             storage=spec["output"].get("storage", "float32"),
+            spacing_mm=spec["output"].get("spacing_mm"),
         ),
         device=spec["device"],
         amp=spec["amp"],

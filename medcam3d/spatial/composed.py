@@ -23,6 +23,7 @@ caller falls back to MONAI's inverse: never a guess.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -197,3 +198,48 @@ def iter_resampled(maps: torch.Tensor, mapping: AxisMapping) -> Iterator[torch.T
     """Class by class: each (X, Y, Z) float32 scan-grid map of ``maps`` (K, *model_spatial)."""
     for k in range(maps.shape[0]):
         yield resample_one(maps[k], mapping)
+
+
+@dataclass
+class Grid:
+    """A voxel grid in world space, standing in for a scan where only its geometry is needed.
+
+    Attributes:
+        affine: (4, 4) float64 voxel -> world (RAS mm) affine, like a MetaTensor's.
+        shape: (1, X, Y, Z), like a scan MetaTensor's shape.
+        meta: metadata carried to the written files (the source scan's, minus its NIfTI transform).
+    """
+
+    affine: torch.Tensor
+    shape: tuple[int, ...]
+    meta: dict
+    applied_operations: tuple = ()
+
+
+def coarser_grid(volume: Any, spacing_mm: float) -> Grid:
+    """A world-aligned grid over ``volume``'s field of view with voxels of at least ``spacing_mm``.
+
+    Same axes and directions as the scan; along each axis whose voxels are finer than
+    ``spacing_mm`` the voxel is stretched by ``f = spacing_mm / voxel size`` and the grid has
+    ``ceil(n / f)`` voxels whose first one starts at the scan's first voxel's outer face (the scan's
+    extent is covered; the last voxel may reach up to one coarse voxel beyond it). Axes already
+    coarser are kept. Viewers that place overlays by their affine (3D Slicer, ITK-SNAP, napari,
+    nibabel, SimpleITK) resample such a map onto the scan themselves.
+
+    Raises:
+        ValueError: ``spacing_mm`` is not a positive finite number.
+    """
+    if not (isinstance(spacing_mm, int | float) and 0 < float(spacing_mm) < float("inf")):
+        raise ValueError(f"spacing_mm must be a positive number of mm, got {spacing_mm!r}")
+    affine = torch.as_tensor(volume.affine, dtype=torch.float64).cpu().clone()
+    shape = tuple(int(s) for s in volume.shape[1:])
+    voxel = torch.linalg.norm(affine[:3, :3], dim=0)
+    factor = torch.clamp(float(spacing_mm) / voxel, min=1.0)
+    # ceil(n / f), ignoring float round-off of the voxel size (0.8000001 mm must not add a voxel)
+    new_shape = tuple(math.ceil(n / f - 1e-6) if f > 1 else n for n, f in zip(shape, factor.tolist()))
+    new = affine.clone()
+    new[:3, :3] = affine[:3, :3] * factor[None, :]
+    start = -0.5 + factor / 2.0  # scan index of the first coarse voxel's centre
+    new[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    meta = {k: v for k, v in dict(getattr(volume, "meta", {}) or {}).items() if k != "affine"}
+    return Grid(affine=new, shape=(1, *new_shape), meta=meta)

@@ -213,5 +213,5 @@ def _on_scan(
             "seconds": {"preprocess": t_pre, "engine": t_engine, "inverse": t3 - t2},
         },
         grid=vol if stream else None,
-        stream=(lambda: iter_maps_to_volume(device_maps, x, compose, vol)) if stream else None,
+        stream=(lambda grid=vol: iter_maps_to_volume(device_maps, x, compose, grid)) if stream else None,
     )
