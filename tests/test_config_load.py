@@ -95,8 +95,11 @@ def test_target_import_errors():
     msg = _error(config_dict(model={"_target_": "no_such_pkg.Net"}), allow_random_weights=True)
     assert msg.startswith("model._target_: cannot import 'no_such_pkg'")
     msg = _error(config_dict(model={"_target_": "helpers_models.TinyNett"}), allow_random_weights=True)
-    assert "has no callable 'TinyNett'" in msg and "'TinyNet'" in msg
+    assert "has no 'TinyNett'" in msg and "'TinyNet'" in msg
     msg = _error(config_dict(model={"_target_": "helpers_models.not_a_model"}), allow_random_weights=True)
+    assert "is a function, not a torch.nn.Module class" in msg and "factory: true" in msg
+    msg = _error(config_dict(model={"_target_": "helpers_models.not_a_model", "factory": True}),
+                 allow_random_weights=True)
     assert "returned str, not a torch.nn.Module" in msg
 
 

@@ -1,4 +1,4 @@
-"""Build a model from a MONAI network name or an importable ``_target_`` and load its weights.
+"""Build a model from a MONAI network name or a checked ``_target_`` and load its weights.
 
 Used by the CLI (through :func:`medcam3d.config.load_run_config`) and by the napari dock widget
 ("checkpoint + MONAI network name"). Every failure is a :class:`ConfigError` naming the key path.
@@ -7,7 +7,6 @@ Used by the CLI (through :func:`medcam3d.config.load_run_config`) and by the nap
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import os
 import sys
@@ -19,11 +18,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcam3d.config.checkpoint import (
+    CheckpointOptions,
+    LoadReport,
+    extract_state_dict,
+    load_weights,
+)
 from medcam3d.config.schema import close_matches, describe, expected_text, join, matches_annotation
+from medcam3d.config.trust import check_model_target, import_target
 from medcam3d.errors import ConfigError
 
-#: Prefixes that wrappers add to parameter names (DataParallel/DDP, torch.compile).
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
+__all__ = [
+    "CheckpointOptions",
+    "LoadReport",
+    "build_model",
+    "check_model_kwargs",
+    "extract_state_dict",
+    "load_checkpoint",
+    "monai_network_names",
+    "resolve_factory",
+    "warn_random_weights",
+]
 #: Seed used while constructing a model (matters only when no checkpoint replaces the weights).
 RANDOM_WEIGHTS_SEED = 0
 
@@ -53,55 +68,41 @@ def _returned_class(func: Callable[..., Any]) -> type | None:
     return ret if inspect.isclass(ret) and issubclass(ret, nn.Module) else None
 
 
-def resolve_factory(name_or_target: str, *, base_dir: str | os.PathLike[str] | None = None) -> Callable[..., Any]:
-    """The class (or factory function) for a MONAI network name or a dotted ``package.module.Class``.
+def resolve_factory(
+    name_or_target: str,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    factory: bool = False,
+) -> Callable[..., Any]:
+    """The class (or factory function) for a MONAI network name or a ``_target_``, checked first.
 
-    A name without dots is looked up in ``monai.networks.nets``; a dotted name is imported. When the
-    import fails and ``base_dir`` holds the module's file, ``base_dir`` is put on ``sys.path`` so a
-    user's model file can sit next to the config.
+    A name without dots or a colon is looked up in ``monai.networks.nets``. Otherwise it is a
+    ``_target_``: ``package.module.Class`` (imported; a module next to the config works when
+    ``base_dir`` is its folder) or ``path/to/net.py:Class`` (relative to ``base_dir``). The object
+    is checked by :func:`medcam3d.config.trust.check_model_target` before anything calls it: an
+    nn.Module subclass, or (``factory=True``) a user-defined model factory function.
+
+    Raises:
+        ConfigError: unknown name, unimportable target, or a target that is not a model.
     """
     if not isinstance(name_or_target, str) or not name_or_target.strip():
         raise ConfigError(
             f"model: expected a MONAI network name or a dotted import path, got {describe(name_or_target)}"
         )
-    if "." not in name_or_target:
+    if "." not in name_or_target and ":" not in name_or_target:
         names = monai_network_names()
         if name_or_target not in names:
             raise ConfigError(
                 f"model.name: {name_or_target!r} is not a network in monai.networks.nets"
                 f"{close_matches(name_or_target, names)}; for your own model use "
-                "'_target_: package.module.Class'"
+                "'_target_: package.module.Class' or '_target_: path/to/net.py:Class'"
             )
         from monai.networks import nets
 
         return getattr(nets, name_or_target)
-    module_name, _, attr = name_or_target.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        candidate = Path(base_dir or ".") / (module_name.split(".")[0])
-        if base_dir is not None and (candidate.with_suffix(".py").exists() or candidate.is_dir()):
-            sys.path.insert(0, str(Path(base_dir).resolve()))
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc2:
-                raise ConfigError(f"model._target_: cannot import {module_name!r}: {exc2}") from exc2
-        else:
-            raise ConfigError(
-                f"model._target_: cannot import {module_name!r} ({exc}); the module must be "
-                "importable (installed, or on PYTHONPATH)"
-            ) from exc
-    except Exception as exc:  # a user module that fails while importing
-        raise ConfigError(
-            f"model._target_: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        public = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(
-            f"model._target_: {module_name!r} has no callable {attr!r}{close_matches(attr, public)}"
-        )
-    return factory
+    obj, from_file = import_target(name_or_target, base_dir=base_dir)
+    check_model_target(obj, name_or_target, factory=factory, from_file=from_file)
+    return obj
 
 
 def _signature_params(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool]:
@@ -170,77 +171,12 @@ def check_model_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], l
         raise ConfigError("; ".join(problems))
 
 
-def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A plain state_dict from a raw one or a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper,
-    with ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped."""
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
-            for key in ("state_dict", "model", "model_state_dict", "net"):
-                if isinstance(obj.get(key), Mapping):
-                    obj = obj[key]
-                    break
-            else:
-                break
-    if not isinstance(obj, Mapping) or not _looks_like_state_dict(obj):
-        raise ConfigError(
-            f"model.checkpoint: {source} does not hold a state_dict (expected a dict of tensors, "
-            "or a dict with a 'state_dict' or 'model' entry)"
-        )
-    out: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        for prefix in _STRIP_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _looks_like_state_dict(obj: Mapping[Any, Any]) -> bool:
-    return len(obj) > 0 and all(isinstance(k, str) for k in obj) and all(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    )
-
-
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load weights from ``path`` into ``model`` (``torch.load(weights_only=True)``, strict keys).
 
     Raises ConfigError when the file is missing, unreadable, not a state_dict, or does not fit.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"model.checkpoint: file not found: {str(p)!r} (relative paths are resolved from the "
-            "config file's folder)"
-        )
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"model.checkpoint: cannot read {str(p)!r} as torch weights (loaded with "
-            f"weights_only=True): {first}"
-        ) from exc
-    state = extract_state_dict(obj, source=repr(str(p)))
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
-        raise ConfigError(
-            f"model.checkpoint: {str(p)!r} does not fit {type(model).__name__} ({detail}); "
-            "check model.name/_target_ and model.kwargs"
-        ) from exc
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} key(s) e.g. {result.missing_keys[:3]}")
-        if result.unexpected_keys:
-            parts.append(
-                f"unexpected {len(result.unexpected_keys)} key(s) e.g. {result.unexpected_keys[:3]}"
-            )
-        raise ConfigError(
-            f"model.checkpoint: {str(p)!r} does not fit {type(model).__name__} ({'; '.join(parts)}); "
-            "check model.name/_target_ and model.kwargs"
-        )
+    load_weights(model, path, CheckpointOptions())
     return model
 
 
@@ -258,47 +194,38 @@ class RandomWeightsWarning(UserWarning):
     """A model was built without a checkpoint (``allow_random_weights``)."""
 
 
-def build_model(
+def build_model_with_report(
     name_or_target: str,
     kwargs: Mapping[str, Any] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     allow_random_weights: bool = False,
     *,
     base_dir: str | os.PathLike[str] | None = None,
-) -> nn.Module:
-    """Build a model in eval mode on CPU, with weights loaded.
+    factory: bool = False,
+    loads_own_weights: bool = False,
+    checkpoint_options: CheckpointOptions | None = None,
+) -> tuple[nn.Module, LoadReport | None]:
+    """:func:`build_model`, also returning the checkpoint's :class:`LoadReport` (None without one).
 
-    Args:
-        name_or_target: a class of ``monai.networks.nets`` (``"DenseNet121"``) or a dotted import
-            path of a user class/factory (``"mypkg.models.Net"``).
-        kwargs: keyword arguments for the constructor; checked against its signature first.
-        checkpoint: weights file (``torch.load(weights_only=True)``; raw state_dict or a
-            ``{"state_dict"|"model": ...}`` wrapper; ``module.`` prefixes stripped). Relative
-            paths are resolved against ``base_dir`` (default: the current folder).
-        allow_random_weights: with no checkpoint, warn loudly instead of raising. The model is
-            constructed under a fixed seed, so random weights are the same in every process.
-        base_dir: folder for relative checkpoint paths and for importing a ``_target_`` module
-            that sits next to the config.
-
-    Raises:
-        ConfigError: unknown name/unimportable target, bad kwargs, construction failure, no
-            checkpoint (unless allowed), missing/unreadable/mismatching checkpoint.
+    With ``checkpoint_options.strict`` False, missing keys are NOT refused here: the caller decides
+    with a probe forward which of them matter (see :func:`medcam3d.config.probe.probe_model`).
     """
     kwargs = dict(kwargs or {})
-    factory = resolve_factory(name_or_target, base_dir=base_dir)
-    label = name_or_target.rpartition(".")[2]
-    check_model_kwargs(factory, kwargs, label)
-    if checkpoint is None and not allow_random_weights:
+    target = resolve_factory(name_or_target, base_dir=base_dir, factory=factory)
+    label = name_or_target.replace(":", ".").rpartition(".")[2]
+    check_model_kwargs(target, kwargs, label)
+    if checkpoint is None and not (allow_random_weights or loads_own_weights):
         raise ConfigError(
-            "model.checkpoint: no checkpoint given; set model.checkpoint to a weights file, or "
-            "pass --allow-random-weights (allow_random_weights=True) to run an untrained model"
+            "model.checkpoint: no checkpoint given; set model.checkpoint to a weights file, declare "
+            "model.loads_own_weights: true if the model loads its own weights, or pass "
+            "--allow-random-weights (allow_random_weights=True) to run an untrained model"
         )
     try:
         # Random weights are seeded (without touching the caller's RNG) so every process of a
         # torchrun job, and every rerun, builds the same untrained model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = factory(**kwargs)
+            model = target(**kwargs)
     except Exception as exc:
         raise ConfigError(
             f"model: building {label}(**model.kwargs) failed: {type(exc).__name__}: {exc}"
@@ -307,11 +234,61 @@ def build_model(
         raise ConfigError(
             f"model._target_: {name_or_target!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
+    report = None
     if checkpoint is not None:
         ckpt = Path(checkpoint).expanduser()
         if not ckpt.is_absolute() and base_dir is not None:
             ckpt = Path(base_dir) / ckpt
-        load_checkpoint(model, ckpt)
-    else:
+        report = load_weights(model, ckpt, checkpoint_options)
+    elif not loads_own_weights:
         warn_random_weights(label)
-    return model.eval()
+    return model.eval(), report
+
+
+def build_model(
+    name_or_target: str,
+    kwargs: Mapping[str, Any] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    allow_random_weights: bool = False,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    factory: bool = False,
+    loads_own_weights: bool = False,
+    checkpoint_options: CheckpointOptions | None = None,
+) -> nn.Module:
+    """Build a model in eval mode on CPU, with weights loaded.
+
+    Args:
+        name_or_target: a class of ``monai.networks.nets`` (``"DenseNet121"``), a dotted import
+            path of a user class (``"mypkg.models.Net"``) or a file path ``"nets/net.py:Net"``.
+        kwargs: keyword arguments for the constructor; checked against its signature first.
+        checkpoint: weights file (``torch.load(weights_only=True)``). Relative paths are resolved
+            against ``base_dir`` (default: the current folder).
+        allow_random_weights: with no checkpoint, warn loudly instead of raising. The model is
+            constructed under a fixed seed, so random weights are the same in every process.
+        base_dir: folder for relative checkpoint paths and for a ``_target_`` module or file that
+            sits next to the config.
+        factory: ``name_or_target`` is a function that builds the model (only your own code; see
+            :mod:`medcam3d.config.trust`).
+        loads_own_weights: the class/factory loads trained weights itself: no checkpoint needed,
+            no random-weights warning.
+        checkpoint_options: where the state dict sits in the file, key prefixes, strictness.
+            Without a probe forward this function cannot tell which missing keys matter, so a
+            non-strict load that leaves any model key missing is refused here (use
+            :func:`medcam3d.config.load_run_config`, which probes).
+
+    Raises:
+        ConfigError: unknown name/unimportable or untrusted target, bad kwargs, construction
+            failure, no checkpoint (unless allowed), missing/unreadable/mismatching checkpoint.
+    """
+    model, report = build_model_with_report(
+        name_or_target, kwargs, checkpoint, allow_random_weights, base_dir=base_dir,
+        factory=factory, loads_own_weights=loads_own_weights, checkpoint_options=checkpoint_options,
+    )
+    if report is not None and report.missing:
+        raise ConfigError(
+            f"model.checkpoint: {str(report.path)!r} lacks {len(report.missing)} key(s) of "
+            f"{type(model).__name__}, e.g. {report.missing[:3]}; load it through a run config "
+            "(load_run_config) so a probe forward can tell whether the explained computation uses them"
+        )
+    return model

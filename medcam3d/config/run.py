@@ -9,9 +9,14 @@ YAML layout (see ``sample_configs/template.yaml`` for every key explained)::
 
     model:
       name: DenseNet121            # a class in monai.networks.nets, OR
-      # _target_: mypkg.nets.Net   # an importable class/factory of your own
+      # _target_: mypkg.nets.Net   # your own nn.Module class (importable, or nets/net.py:Net)
+      # factory: false             # true: _target_ is your own function returning the model
+      # loads_own_weights: false   # true: the class/factory loads trained weights itself
       kwargs: {spatial_dims: 3, in_channels: 1, out_channels: 3}
       checkpoint: weights.pt       # relative to this file's folder; null = none
+      # checkpoint_key: null       # dotted path to the state dict inside the file
+      # strip_prefix: []           # key prefixes to remove;  map_prefix: {old.: new.}
+      # strict: true               # false: missing keys allowed only outside the forward pass
     preprocess: {...}              # passed to medcam3d.spatial.build_preprocessing
     methods: [hirescam, gradcam]   # or one string
     target_layer: null             # module name; null = the default for the network
@@ -29,22 +34,28 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from medcam3d.config.checkpoint import CheckpointOptions, LoadReport
 from medcam3d.config.explain_args import build_score, parse_forward_kwargs, parse_score
-from medcam3d.config.models import build_model
+from medcam3d.config.models import build_model_with_report, resolve_factory
+from medcam3d.config.probe import ProbeResult, probe_model
 from medcam3d.config.schema import Errors, check_keys, close_matches, describe, join
 from medcam3d.config.windows import WINDOWS, Window
 from medcam3d.engine import METHODS as _ENGINE_METHODS
 from medcam3d.engine import method_name
-from medcam3d.errors import ConfigError, Medcam3dError, InputError
+from medcam3d.errors import ConfigError, InputError, Medcam3dError, TargetLayerError
 from medcam3d.explanation import ACTIVATIONS
 
 METHODS = tuple(_ENGINE_METHODS)  # names come from the engine (one home)
@@ -62,7 +73,18 @@ TOP_KEYS = (
     "score",
     "forward_kwargs",
 )
-MODEL_KEYS = ("name", "_target_", "kwargs", "checkpoint")
+MODEL_KEYS = (
+    "name",
+    "_target_",
+    "factory",
+    "loads_own_weights",
+    "kwargs",
+    "checkpoint",
+    "checkpoint_key",
+    "strip_prefix",
+    "map_prefix",
+    "strict",
+)
 OUTPUT_KEYS = ("four_d", "montage", "window", "storage", "spacing_mm")
 STORAGES = ("float32", "uint16")  # as medcam3d.io.export.STORAGES (config does not import io)
 
@@ -98,9 +120,13 @@ class RunConfig:
         source: the YAML file the config came from (None for a dict).
         checkpoint: resolved weights path (None when running with random weights).
         model_label: the ``name`` or ``_target_`` of the model.
-        random_weights: True when no checkpoint was loaded.
+        random_weights: True when no checkpoint was loaded and the model does not load its own.
         spec: the normalised config as plain data (what :meth:`fingerprint` hashes).
         checkpoint_sha256: SHA-256 of the checkpoint file as it was when loaded.
+        weights_sha256: SHA-256 of the built model's state dict (``loads_own_weights`` models).
+        code_sha256: SHA-256 of the source file defining a user ``_target_`` (None for MONAI).
+        load_report: keys a non-strict checkpoint load left out (None without a checkpoint).
+        probe: the probe forward's outcome (:class:`medcam3d.config.probe.ProbeResult`).
     """
 
     model: nn.Module
@@ -119,6 +145,10 @@ class RunConfig:
     random_weights: bool
     spec: dict[str, Any]
     checkpoint_sha256: str | None = None
+    weights_sha256: str | None = None
+    code_sha256: str | None = None
+    load_report: LoadReport | None = None
+    probe: ProbeResult | None = None
     score: Any = None
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -140,12 +170,14 @@ class RunConfig:
         }
 
     def fingerprint(self) -> str:
-        """SHA-256 of everything that changes the outputs: the normalised config (minus device)
-        and the checkpoint's bytes. Used to decide whether a finished case can be skipped."""
+        """SHA-256 of everything that changes the outputs: the normalised config (minus device),
+        the weights (the checkpoint file's bytes, or the state dict of a model that loads its own
+        weights) and the source file of a user ``_target_``. Resume compares it per case."""
         h = hashlib.sha256()
         spec = {k: v for k, v in self.spec.items() if k != "device"}
         h.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        h.update((self.checkpoint_sha256 or "random-weights").encode())
+        h.update((self.checkpoint_sha256 or self.weights_sha256 or "random-weights").encode())
+        h.update((self.code_sha256 or "").encode())
         return h.hexdigest()
 
     def resolved_device(self) -> str:
@@ -220,6 +252,42 @@ def _parse_window(errors: Errors, value: Any) -> Window | None:
     return None
 
 
+def _parse_model_options(errors: Errors, model: Mapping[str, Any]) -> dict[str, Any]:
+    """The trust and checkpoint keys of ``model``: factory, loads_own_weights, checkpoint_key,
+    strip_prefix, map_prefix, strict (normalised; defaults filled in)."""
+    out: dict[str, Any] = {}
+    for key, default in (("factory", False), ("loads_own_weights", False), ("strict", True)):
+        value = model.get(key, default)
+        if not isinstance(value, bool):
+            errors.add(join("model", key), f"expected true or false, got {describe(value)}")
+            value = default
+        out[key] = value
+    ckey = model.get("checkpoint_key")
+    if ckey is not None and not (isinstance(ckey, str) and ckey.strip()):
+        errors.add("model.checkpoint_key", f"expected a (dotted) key such as 'state_dict' or "
+                   f"'ema.model', or null, got {describe(ckey)}")
+        ckey = None
+    out["checkpoint_key"] = ckey
+    strip = model.get("strip_prefix", [])
+    strip = [strip] if isinstance(strip, str) else strip
+    if not isinstance(strip, list) or not all(isinstance(p, str) and p for p in strip):
+        errors.add("model.strip_prefix", f"expected a prefix or a list of prefixes, got {describe(strip)}")
+        strip = []
+    out["strip_prefix"] = list(strip)
+    mapping = model.get("map_prefix", {}) or {}
+    if not isinstance(mapping, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in mapping.items()
+    ):
+        errors.add("model.map_prefix", f"expected a mapping {{old_prefix: new_prefix}}, got {describe(mapping)}")
+        mapping = {}
+    out["map_prefix"] = dict(mapping)
+    if model.get("checkpoint") is None:
+        for key in ("checkpoint_key", "strip_prefix", "map_prefix"):
+            if model.get(key):
+                errors.add(join("model", key), "has no effect without model.checkpoint")
+    return out
+
+
 def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
     """Check keys and types of everything that does not need the model; return normalised data."""
     check_keys(errors, "", data, TOP_KEYS)
@@ -251,7 +319,8 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
         if ckpt is not None and not isinstance(ckpt, str):
             errors.add("model.checkpoint", f"expected a file path or null, got {describe(ckpt)}")
             ckpt = None
-        out["model"] = {key: label, "kwargs": copy.deepcopy(dict(kwargs)), "checkpoint": ckpt}
+        out["model"] = {key: label, "kwargs": copy.deepcopy(dict(kwargs)), "checkpoint": ckpt,
+                        **_parse_model_options(errors, model)}
 
     out["preprocess"] = copy.deepcopy(data.get("preprocess"))
 
@@ -471,9 +540,17 @@ def load_run_config(
         ckpt_path = Path(ckpt).expanduser()
         if not ckpt_path.is_absolute():
             ckpt_path = (base_dir / ckpt_path).resolve()
+    options = CheckpointOptions(
+        key=model_spec["checkpoint_key"],
+        strip_prefix=tuple(model_spec["strip_prefix"]),
+        map_prefix=tuple(model_spec["map_prefix"].items()),
+        strict=model_spec["strict"],
+    )
+    own = model_spec["loads_own_weights"]
     try:
-        model = build_model(
-            label, model_spec["kwargs"], ckpt_path, allow_random_weights, base_dir=base_dir
+        model, report = build_model_with_report(
+            label, model_spec["kwargs"], ckpt_path, allow_random_weights, base_dir=base_dir,
+            factory=model_spec["factory"], loads_own_weights=own, checkpoint_options=options,
         )
     except ConfigError as exc:
         raise fail(exc) from exc
@@ -498,6 +575,7 @@ def load_run_config(
         score = build_score(spec["score"], base_dir)
     except ConfigError as exc:
         raise fail(exc) from exc
+    probe = _probe(model, preprocess, target, report, where, spec["forward_kwargs"])
 
     return RunConfig(
         model=model,
@@ -522,7 +600,84 @@ def load_run_config(
         checkpoint_sha256=_sha256(ckpt_path) if ckpt_path is not None else None,
         score=score,
         forward_kwargs=dict(spec["forward_kwargs"]),
+        weights_sha256=_state_sha256(model) if own and ckpt_path is None else None,
+        code_sha256=_code_sha256(label, base_dir, model_spec["factory"]),
+        load_report=report,
+        probe=probe,
     )
+
+
+def _probe(
+    model: nn.Module,
+    preprocess: Any,
+    target: str | None,
+    report: LoadReport | None,
+    where: str,
+    forward_kwargs: dict[str, Any],
+) -> ProbeResult:
+    """Probe forward (see :mod:`medcam3d.config.probe`); refuse a bad target layer, and a
+    non-strict checkpoint that lacks weights the forward uses."""
+    suffix = f" (in {where})" if where else ""
+    try:
+        from medcam3d.config.explain_args import forward_values
+
+        probe = probe_model(model, preprocess, target, forward_values(forward_kwargs))
+    except TargetLayerError as exc:
+        raise ConfigError(f"target_layer: {exc}{suffix}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{suffix}") from exc
+    if not probe.ran:
+        warnings.warn(
+            f"medcam3d: the probe forward on a synthetic CT failed ({probe.error}); the target layer "
+            "will be checked on the first scan", UserWarning, stacklevel=3,
+        )
+    if report is None or not (report.missing or report.unexpected):
+        return probe
+    name = str(report.path)
+    if report.missing and not probe.ran:
+        raise ConfigError(
+            f"model.checkpoint: {name!r} lacks {len(report.missing)} key(s) of the model (e.g. "
+            f"{report.missing[:3]}) and the probe forward could not run to show they are unused"
+            f"{suffix}"
+        )
+    used = sorted(k for k in report.missing if k in probe.used)
+    if used:
+        raise ConfigError(
+            f"model.checkpoint: {name!r} lacks {len(used)} weight(s) the explained forward pass "
+            f"uses (e.g. {used[:3]}); with strict: false only weights of modules that never run may "
+            "be missing. Check model.checkpoint_key, strip_prefix and map_prefix" + suffix
+        )
+    parts = []
+    if report.missing:
+        parts.append(f"{len(report.missing)} model key(s) not in the file, all in modules the "
+                     f"forward never runs (e.g. {report.missing[:3]})")
+    if report.unexpected:
+        parts.append(f"{len(report.unexpected)} file key(s) ignored (e.g. {report.unexpected[:3]})")
+    message = f"medcam3d: note: checkpoint {name}: " + "; ".join(parts)
+    warnings.warn(message, UserWarning, stacklevel=3)
+    print(message, file=sys.stderr, flush=True)
+    return probe
+
+
+def _state_sha256(model: nn.Module) -> str:
+    """SHA-256 over every state-dict entry's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _code_sha256(label: str, base_dir: Path, factory: bool) -> str | None:
+    """SHA-256 of the source file that defines a ``_target_`` (None for MONAI names)."""
+    if "." not in label and ":" not in label:
+        return None
+    try:
+        path = inspect.getsourcefile(resolve_factory(label, base_dir=base_dir, factory=factory))
+    except (TypeError, ConfigError):
+        return None
+    return _sha256(Path(path)) if path else None
 
 
 def _sha256(path: Path) -> str:

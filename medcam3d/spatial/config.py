@@ -1,6 +1,10 @@
 """Turn preprocessing written as data (lists of dicts from YAML/JSON) into MONAI transform objects.
 
-Every entry is ``{"name": <class in monai.transforms>, **kwargs}``. Errors are ConfigErrors whose
+Every entry is ``{"name": <class in monai.transforms>, **kwargs}``, where the name must be one of
+:data:`CONFIG_TRANSFORMS`: deterministic geometry and intensity steps only. A config can never name an
+I/O transform (LoadImage, SaveImage...), a transform that runs user code (Lambda...) or an option that
+takes a callable (MONAI turns some strings, e.g. LoadImage's ``reader``, into code), and option values
+must be plain data (numbers, strings, booleans, lists). Errors are ConfigErrors whose
 message starts with the key path of the bad value (``preprocess[2].pixdim: ...``) so a user can find
 it in a config file of any length.
 
@@ -35,6 +39,19 @@ class AboveThreshold:
 
     def __repr__(self) -> str:
         return f"AboveThreshold({self.threshold:g})"
+
+
+#: The transforms a config may name (array versions; random and I/O transforms never appear).
+CONFIG_TRANSFORMS = (
+    # geometry (each an InvertibleTransform: maps travel back through it)
+    "Orientation", "Spacing", "Resize", "ResizeWithPadOrCrop", "SpatialPad", "BorderPad",
+    "DivisiblePad", "CenterSpatialCrop", "CenterScaleCrop", "SpatialCrop", "CropForeground", "Flip",
+    "Rotate90", "Zoom",
+    # intensity
+    "ScaleIntensityRange", "ScaleIntensityRangePercentiles", "ScaleIntensity",
+    "ClipIntensityPercentiles", "NormalizeIntensity", "ThresholdIntensity", "ShiftIntensity",
+    "StdShiftIntensity", "ScaleIntensityFixedMean",
+)
 
 
 def _fmt(value: Any) -> str:
@@ -170,8 +187,12 @@ def _resolve_name(path: str, name: Any) -> type:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{path}.name: expected the name of a monai.transforms class, got {_fmt(name)}.")
     classes = transform_classes()
-    if name in classes:
+    if name in classes and name in CONFIG_TRANSFORMS:
         return classes[name]
+    if name in classes:
+        raise ConfigError(f"{path}: {name} {_why_not_allowed(classes[name])}. A config may name only "
+                          f"these geometry and intensity transforms: {', '.join(CONFIG_TRANSFORMS)}; "
+                          "build other steps in Python and pass the Compose to explain_volume.")
     if name in _dict_names():
         base = name[:-1] if name.endswith(("d", "D")) else name.removesuffix("Dict")
         hint = f" Use {base!r} instead." if base in classes else ""
@@ -185,6 +206,29 @@ def _resolve_name(path: str, name: Any) -> type:
         close.insert(0, lower[name.lower()])
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ConfigError(f"{path}.name: unknown transform {name!r} (not a class in monai.transforms).{hint}")
+
+
+def _why_not_allowed(cls: type) -> str:
+    from monai.transforms import InvertibleTransform, Randomizable
+
+    module = cls.__module__
+    if issubclass(cls, Randomizable):
+        return "is random; an explanation must be reproducible"
+    if module.startswith(("monai.transforms.io", "monai.transforms.utility")):
+        return "reads/writes files or runs code, which a config may not do"
+    if module.startswith(("monai.transforms.spatial", "monai.transforms.croppad")) and not issubclass(
+        cls, InvertibleTransform
+    ):
+        return "changes the geometry but has no inverse"
+    return "is not a plain geometry or intensity step"
+
+
+def _is_plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain_data(v) for v in value)
+    return False
 
 
 def _check_kwargs(path: str, name: str, cls: type, kwargs: dict[str, Any]) -> None:
@@ -217,6 +261,13 @@ def _check_kwargs(path: str, name: str, cls: type, kwargs: dict[str, Any]) -> No
         ):
             raise ConfigError(f"{path}.{key}: required by {name} but missing.")
     for key, value in kwargs.items():
+        if key in params and "callable" in str(params[key].annotation).lower():
+            raise ConfigError(f"{path}.{key}: takes a function; a config cannot name code.")
+        if not _is_plain_data(value):
+            raise ConfigError(
+                f"{path}.{key}: expected plain data (numbers, strings, booleans, lists), got "
+                f"{type(value).__name__}."
+            )
         check = _VALUE_CHECKS.get(key)
         if check is not None:
             check(f"{path}.{key}", value)
