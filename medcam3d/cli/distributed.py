@@ -80,6 +80,17 @@ def all_ok(d: Dist, ok: bool) -> bool:
     return bool(flag.item())
 
 
+def broadcast(d: Dist, value: T) -> T:
+    """Rank 0's ``value`` on every rank (the value itself when not distributed)."""
+    if not d.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown(d: Dist) -> None:
     if d.active:
         import torch.distributed as dist

@@ -20,12 +20,22 @@ from typing import Any
 from medcam3d.cli import distributed as dist
 from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
 from medcam3d.cli.loading import LoadedCase, iter_loaded
+from medcam3d.cli.lock import OutputLock
 from medcam3d.cli.manifest import STAGE_COLUMNS, PartWriter, merge_parts, part_path
 from medcam3d.cli.notes import load_notes, outside_scan_notes, write_resliced_ct
-from medcam3d.cli.resume import case_hash, is_done, remove_previous, write_marker
+from medcam3d.cli.resume import (
+    case_hash,
+    clean_partials,
+    collision,
+    input_sha256,
+    is_done,
+    remove_previous,
+    write_marker,
+)
 from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
 from medcam3d.cli.scoring import case_line, class_extras, load_mask, row_extras, write_cohort_summary
 from medcam3d.config import RunConfig, load_run_config
+from medcam3d.errors import ConfigError, InputError, Medcam3dError
 
 
 @dataclass
@@ -44,6 +54,8 @@ class ExplainOptions:
     keep_identifiers: bool = False
     manifest: str = "csv"
     extra_sources: list[Path] = field(default_factory=list)
+    series_uid: str | None = None
+    allow_non_ct: bool = False
 
 
 @dataclass
@@ -63,6 +75,7 @@ def _row(case: Case, out_root: Path, method: str, **values: Any) -> dict[str, An
         "case_id": case.case_id,
         "input": str(case.path),
         "mask": str(case.mask) if case.mask else None,
+        "series_uid": case.series_uid,
         "method": method,
         "target_layer": None,
         "status": "ok",
@@ -125,9 +138,11 @@ def _failed_rows(case: Case, out_root: Path, cfg: RunConfig, error: str, seconds
 
 
 def _explain_case(
-    loaded: LoadedCase, cfg: RunConfig, out_root: Path, device: str, amp: bool, chash: str
+    loaded: LoadedCase, cfg: RunConfig, out_root: Path, device: str, amp: bool, marker: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Explain one loaded case with every method; on any error remove what it wrote."""
+    """Explain one loaded case with every method; on any error remove what it wrote.
+
+    ``marker`` holds the done-marker's fixed entries (hash, input_sha256, run_id)."""
     from medcam3d.io import save_nifti
     from medcam3d.report import save_montage
     from medcam3d.report.montage import map_panel
@@ -205,6 +220,7 @@ def _explain_case(
             rows.append(
                 _row(
                     case, out_root, method,
+                    run_id=marker.get("run_id"),
                     target_layer=expl.target_layer,
                     seconds=round(total, 3),
                     outputs=[str(p.relative_to(out_root)) for p in files],
@@ -221,7 +237,7 @@ def _explain_case(
         write_marker(
             case_dir,
             {
-                "hash": chash,
+                **marker,
                 "input": str(case.path),
                 "files": [p.name for p in written],
                 "rows": rows,
@@ -244,56 +260,146 @@ def _fractions(expl: Any) -> list[float] | None:
 
 
 def resolve_device(requested: str | None, cfg: RunConfig, d: dist.Dist) -> str:
-    """CLI --device, else the config's, else cuda if available; one GPU per rank under torchrun."""
+    """CLI --device, else the config's, else cuda if available; one GPU per rank under torchrun.
+
+    Raises:
+        ConfigError: a CUDA device is asked for but this torch has none (CPU-only build, no GPU
+            visible, or an index past the last GPU).
+    """
     import torch
 
     device = requested or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if d.world_size > 1 and device == "cuda":
         device = f"cuda:{d.local_rank}"
+    where = "--device" if requested else "device"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+            raise ConfigError(f"{where}: {device!r} asked for, but this torch ({torch.__version__}) "
+                              f"{why}; use --device cpu, or install a CUDA build of torch")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: {device!r} asked for, but only {torch.cuda.device_count()} "
+                              "GPU(s) are visible")
     return device
+
+
+def _make_run_id() -> str:
+    import secrets
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _agree(d: dist.Dist, step: Any) -> Any:
+    """Run ``step()`` on every rank; if it raised a Medcam3dError on any rank, raise on all."""
+    error: Medcam3dError | None = None
+    result = None
+    try:
+        result = step()
+    except Medcam3dError as exc:
+        error = exc
+    if not dist.all_ok(d, error is None):
+        raise error or InputError("another process of this torchrun job refused to start (see its message)")
+    return result
+
+
+def _plan(
+    mine: list[Case], cfg: RunConfig, out_root: Path, overwrite: bool, run_id: str
+) -> tuple[list[tuple[Case, dict[str, Any]]], list[tuple[Case, dict[str, Any]]]]:
+    """Split this rank's cases into (to do, skipped) with their marker entries; refuse case-id
+    collisions with a different input unless ``overwrite``.
+
+    Raises:
+        InputError: an input cannot be read for hashing, or a case id collides.
+    """
+    fingerprint = cfg.fingerprint()
+    todo, skipped = [], []
+    for case in mine:
+        try:
+            digest = input_sha256(case.path)
+        except OSError as exc:
+            raise InputError(f"--input: cannot read {str(case.path)!r}: {exc.strerror or exc}") from exc
+        base = {"hash": case_hash(fingerprint, cfg.methods, digest, case.load_options()),
+                "input_sha256": digest, "run_id": run_id}
+        case_dir = out_root / case.case_id
+        if overwrite:
+            todo.append((case, base))
+            continue
+        problem = collision(case_dir, case.case_id, case.path, digest)
+        if problem is not None:
+            raise InputError(problem)
+        marker = is_done(case_dir, base["hash"])
+        if marker is None:
+            todo.append((case, base))
+        else:
+            skipped.append((case, marker))
+    return todo, skipped
 
 
 def run_explain(opts: ExplainOptions) -> Summary:
     """Run the whole ``explain`` command (see module docstring); returns the summary.
 
+    The output folder is locked for the whole run (a second run into it refuses); temporary files
+    of a killed run are removed first; the manifest is merged with the folder's earlier cases.
+
     Raises:
         ConfigError / InputError: before any case ran (the CLI maps these to exit code 2).
+        ExportError: the manifest could not be written (disk full...; exit code 1).
     """
     from tqdm import tqdm
 
     cfg = load_run_config(opts.config, allow_random_weights=opts.allow_random_weights)
-    cases = collect_cases(opts.inputs, keep_identifiers=opts.keep_identifiers)
+    cases = collect_cases(opts.inputs, keep_identifiers=opts.keep_identifiers,
+                          series_uid=opts.series_uid, allow_non_ct=opts.allow_non_ct)
     out_root = Path(os.path.abspath(opts.output))
     check_output_dir(out_root, cases, [*opts.inputs, *opts.extra_sources])
 
     backend_hint = opts.device or cfg.device or "cpu"
     d = dist.setup(backend_hint)
+    lock: OutputLock | None = None
     try:
-        device = resolve_device(opts.device, cfg, d)
+        device = _agree(d, lambda: resolve_device(opts.device, cfg, d))
+        run_id = dist.broadcast(d, _make_run_id())
+        if d.is_main:
+            created = not out_root.exists()
+            out_root.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(out_root, run_id)
+
+            def take() -> None:
+                try:
+                    lock.acquire()
+                except InputError:
+                    if created:
+                        out_root.rmdir()
+                    raise
+
+            _agree(d, take)
+            removed = clean_partials(out_root)
+            if removed and not opts.quiet:
+                print(f"medcam3d: removed {len(removed)} temporary file(s) left by an interrupted run",
+                      file=sys.stderr)
+        else:
+            _agree(d, lambda: None)
+        dist.barrier(d)
+        mine = dist.split(cases, d)
+        todo, skipped = _agree(d, lambda: _plan(mine, cfg, out_root, opts.overwrite, run_id))
         cfg.model.to(device)
         amp = opts.amp or cfg.amp
-        out_root.mkdir(parents=True, exist_ok=True)
-        fingerprint = cfg.fingerprint()
-        mine = dist.split(cases, d)
         writer = PartWriter(part_path(out_root, d.rank))
         summary = Summary()
-        todo: list[Case] = []
-        hashes: dict[int, str] = {}
-        for case in mine:
-            hashes[case.index] = case_hash(fingerprint, cfg.methods, case.path)
-            marker = None if opts.overwrite else is_done(out_root / case.case_id, hashes[case.index])
-            if marker is None:
-                todo.append(case)
-                continue
+        markers: dict[int, dict[str, Any]] = {case.index: base for case, base in todo}
+        for case, marker in skipped:
             summary.skipped += 1
             for row in marker.get("rows", []):
-                row = {**row, "status": "skipped", "case_index": case.index, "case_id": case.case_id}
+                row = {**row, "status": "skipped", "case_index": case.index, "case_id": case.case_id,
+                       "run_id": row.get("run_id") or marker.get("run_id")}
                 writer.write(row)
         bar = tqdm(total=len(todo), disable=opts.quiet or not d.is_main, unit="case",
                    desc="medcam3d explain", file=sys.stderr)
-        for loaded in iter_loaded(todo, opts.workers):
-            rows = _explain_case(loaded, cfg, out_root, device, amp, hashes[loaded.case.index])
+        for loaded in iter_loaded([case for case, _ in todo], opts.workers):
+            rows = _explain_case(loaded, cfg, out_root, device, amp, markers[loaded.case.index])
             for row in rows:
+                row["run_id"] = row.get("run_id") or run_id
                 writer.write(row)
             if any(r["status"] == "failed" for r in rows):
                 summary.failed += 1
@@ -326,4 +432,6 @@ def run_explain(opts: ExplainOptions) -> Summary:
         dist.barrier(d)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         dist.teardown(d)

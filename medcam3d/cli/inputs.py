@@ -2,9 +2,11 @@
 
 Accepted inputs: NIfTI files, DICOM series folders, a folder of them (one level: ``*.nii``/
 ``*.nii.gz`` files and subfolders that hold DICOM files), or a CSV with a ``path`` column (optional
-``case_id`` and ``mask`` columns; relative paths are relative to the CSV's folder). In a folder,
-label images are not cases: they are paired with their scan by name (:mod:`medcam3d.cli.pairing`). Case ids come
-from file/folder names or the CSV, never from DICOM patient fields unless ``keep_identifiers``.
+``case_id``, ``mask``, ``series_uid`` and ``allow_non_ct`` columns; relative paths are relative to the
+CSV's folder). In a folder, label images are not cases: they are paired with their scan by name
+(:mod:`medcam3d.cli.pairing`). Case ids come from file/folder names or the CSV, never from DICOM
+patient fields unless ``keep_identifiers``; names the output folder itself uses (the manifest) are
+never case ids.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ from pathlib import Path
 from medcam3d.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Names in the output folder that belong to the run, not to a case (compared in lower case).
+RESERVED_IDS = ("manifest.csv", "manifest.jsonl", "summary.csv")
+CSV_COLUMNS = ("path", "case_id", "mask", "series_uid", "allow_non_ct")
+_TRUE, _FALSE = ("1", "true", "yes", "y"), ("", "0", "false", "no", "n")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One scan to explain: ``index`` (order in the run), ``case_id``, ``path``, optional ``mask``."""
+    """One scan to explain: ``index`` (order in the run), ``case_id``, ``path``, optional ``mask``,
+    and how to load it: ``series_uid`` (DICOM folder with several series) and ``allow_non_ct``."""
 
     index: int
     case_id: str
     path: Path
     mask: Path | None = None
+    series_uid: str | None = None
+    allow_non_ct: bool = False
+
+    def load_options(self) -> str:
+        """The load options as text (part of the resume hash)."""
+        return f"series_uid={self.series_uid or ''}|allow_non_ct={int(self.allow_non_ct)}"
 
 
 def sanitize_case_id(name: str) -> str:
@@ -73,13 +86,16 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _expand(arg: Path) -> list[tuple[Path, str | None, Path | None]]:
-    """(path, case_id from CSV or None, mask) for one --input argument."""
+_Raw = tuple[Path, str | None, Path | None, dict[str, str]]
+
+
+def _expand(arg: Path) -> list[_Raw]:
+    """(path, case_id from CSV or None, mask, other CSV cells) for one --input argument."""
     if not arg.exists():
         raise InputError(f"--input: no such file or folder: {str(arg)!r}")
     if arg.is_dir():
         if holds_dicom(arg):
-            return [(arg, None, None)]
+            return [(arg, None, None, {})]
         found = [
             p
             for p in sorted(arg.iterdir())
@@ -97,13 +113,13 @@ def _expand(arg: Path) -> list[tuple[Path, str | None, Path | None]]:
             print(f"medcam3d: {message}", file=sys.stderr)
         if not pairs:
             raise InputError(f"--input: {str(arg)!r} holds only label images (masks), no scans")
-        return [(p, None, mask) for p, mask in pairs]
+        return [(p, None, mask, {}) for p, mask in pairs]
     if arg.suffix.lower() == ".csv":
         return _read_csv(arg)
-    return [(arg, None, None)]  # a NIfTI or anything else: load_volume judges it per case
+    return [(arg, None, None, {})]  # a NIfTI or anything else: load_volume judges it per case
 
 
-def _read_csv(path: Path) -> list[tuple[Path, str | None, Path | None]]:
+def _read_csv(path: Path) -> list[_Raw]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -111,9 +127,17 @@ def _read_csv(path: Path) -> list[tuple[Path, str | None, Path | None]]:
             if "path" not in fields:
                 raise InputError(
                     f"--input: CSV {str(path)!r} needs a 'path' column (found: {', '.join(fields) or 'none'}); "
-                    "optional columns: case_id, mask"
+                    "optional columns: case_id, mask, series_uid, allow_non_ct"
                 )
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise InputError(
+                        f"--input: CSV {str(path)!r} line {reader.line_num} has "
+                        f"{len(fields) + len(row[None])} fields but the header has {len(fields)}; "
+                        "quote values that contain commas"
+                    )
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"--input: cannot read CSV {str(path)!r}: {exc}") from exc
     out = []
@@ -127,7 +151,14 @@ def _read_csv(path: Path) -> list[tuple[Path, str | None, Path | None]]:
         if mask:
             mask_path = Path(mask).expanduser()
             mask_path = mask_path if mask_path.is_absolute() else path.parent / mask_path
-        out.append((p, row.get("case_id") or None, mask_path))
+        flag = row.get("allow_non_ct", "").lower()
+        if flag not in _TRUE + _FALSE:
+            raise InputError(
+                f"--input: CSV {str(path)!r}: allow_non_ct must be true/false (or 1/0, yes/no), got "
+                f"{row['allow_non_ct']!r}"
+            )
+        extra = {"series_uid": row.get("series_uid", ""), "allow_non_ct": str(flag in _TRUE)}
+        out.append((p, row.get("case_id") or None, mask_path, extra))
     if not out:
         raise InputError(f"--input: CSV {str(path)!r} lists no paths")
     return out
@@ -146,22 +177,30 @@ def _patient_id(folder: Path) -> str | None:
     return None
 
 
-def collect_cases(inputs: list[str | os.PathLike[str]], *, keep_identifiers: bool = False) -> list[Case]:
+def collect_cases(
+    inputs: list[str | os.PathLike[str]],
+    *,
+    keep_identifiers: bool = False,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+) -> list[Case]:
     """Expand ``inputs`` into cases in a deterministic order with unique sanitised ids.
 
-    Duplicated ids get ``-2``, ``-3``... suffixes. The same input path listed twice is one case.
+    Duplicated ids get ``-2``, ``-3``... suffixes, as do ids equal to a name in
+    :data:`RESERVED_IDS`. The same input path listed twice is one case. ``series_uid`` and
+    ``allow_non_ct`` apply to every case; a CSV's cells of the same name override them per case.
 
     Raises:
         InputError: a command-line path that does not exist, an empty folder, a CSV without a
-            ``path`` column.
+            ``path`` column or with a row of more cells than its header.
     """
-    raw: list[tuple[Path, str | None, Path | None]] = []
+    raw: list[_Raw] = []
     for arg in inputs:
         raw.extend(_expand(Path(arg).expanduser()))
     seen_paths: set[Path] = set()
-    used: set[str] = set()
+    used: set[str] = set(RESERVED_IDS)
     cases: list[Case] = []
-    for path, given_id, mask in raw:
+    for path, given_id, mask, extra in raw:
         resolved = Path(os.path.abspath(path))
         if resolved in seen_paths:
             continue
@@ -178,25 +217,40 @@ def collect_cases(inputs: list[str | os.PathLike[str]], *, keep_identifiers: boo
             n += 1
             unique = f"{case_id}-{n}"
         used.add(unique.lower())
-        cases.append(Case(index=len(cases), case_id=unique, path=resolved, mask=mask))
+        uid = extra.get("series_uid") or series_uid or None
+        non_ct = allow_non_ct or extra.get("allow_non_ct") == "True"
+        cases.append(Case(index=len(cases), case_id=unique, path=resolved, mask=mask,
+                          series_uid=uid, allow_non_ct=non_ct))
     return cases
 
 
 def check_output_dir(output: Path, cases: list[Case], inputs: list[str | os.PathLike[str]]) -> None:
-    """Refuse an output folder that is an existing file, equals an input, or lies inside an input
-    folder (outputs must never overwrite or mix with inputs)."""
+    """Refuse an output folder that is an existing file, equals an input, lies inside an input
+    folder, or whose case folder for some case would be, or hold, an input (e.g. the output is the
+    parent of a DICOM series folder: the case folder would be the series folder itself). Outputs
+    must never overwrite or mix with inputs."""
     out = Path(os.path.abspath(output))
     sources = {Path(os.path.abspath(Path(a).expanduser())) for a in inputs}
     sources |= {c.path for c in cases}
     for src in sources:
         if out == src:
             raise InputError(f"--output: {str(out)!r} is an input; choose another folder")
-        if src.is_dir() and out.is_relative_to(src) and holds_dicom(src):
+        if src.is_dir() and out.is_relative_to(src):
+            kind = "DICOM folder" if holds_dicom(src) else "folder"
             raise InputError(
-                f"--output: {str(out)!r} is inside the input DICOM folder {str(src)!r}; choose a "
+                f"--output: {str(out)!r} is inside the input {kind} {str(src)!r}; choose a "
                 "folder outside it"
             )
         if src.is_file() and out.is_relative_to(src):
             raise InputError(f"--output: {str(out)!r} is inside the input file path {str(src)!r}")
+    for case in cases:
+        case_dir = out / case.case_id
+        for src in sources:
+            if src == case_dir or src.is_relative_to(case_dir):
+                raise InputError(
+                    f"--output: case {case.case_id!r} would be written to {str(case_dir)!r}, which "
+                    f"is or holds the input {str(src)!r}; choose an output folder that does not "
+                    "contain the inputs' folders"
+                )
     if out.exists() and not out.is_dir():
         raise InputError(f"--output: {str(out)!r} exists and is not a folder")

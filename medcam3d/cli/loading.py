@@ -33,7 +33,7 @@ def load_case(case: Case) -> LoadedCase:
 
     start = time.perf_counter()
     try:
-        volume = load_volume(case.path)
+        volume = load_volume(case.path, case.series_uid, allow_non_ct=case.allow_non_ct)
         refuse_label_image(volume, case.path)
         return LoadedCase(case, volume, None, time.perf_counter() - start)
     except Exception as exc:  # a bad case must not stop the run

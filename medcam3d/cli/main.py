@@ -1,7 +1,7 @@
 """The ``medcam3d`` command: ``explain`` a cohort, ``view`` a scan with maps, run the ``demo``.
 
-Exit codes: 0 every case ok (or skipped), 1 at least one case failed, 2 usage or config error
-(printed as one line, no traceback).
+Exit codes: 0 every case ok (or skipped), 1 at least one case failed or the run could not finish
+writing (e.g. disk full), 2 usage or config error (printed as one line, no traceback).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from medcam3d.errors import Medcam3dError
+from medcam3d.errors import ExportError, Medcam3dError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="name DICOM cases by PatientID instead of the folder name")
     ex.add_argument("--manifest", choices=("csv", "jsonl", "both"), default="csv",
                     help="manifest format (default csv)")
+    ex.add_argument("--series-uid", default=None, metavar="UID",
+                    help="SeriesInstanceUID to read from DICOM folders that hold several series "
+                    "(per case: a 'series_uid' CSV column)")
+    ex.add_argument("--allow-non-ct", action="store_true",
+                    help="accept DICOM series whose Modality is not CT (values are then not HU; per "
+                    "case: an 'allow_non_ct' CSV column)")
 
     vw = sub.add_parser("view", help="open a scan and saved maps in napari",
                         description="Open SCAN (NIfTI or DICOM folder) and MAP NIfTI files in napari.")
@@ -144,6 +150,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         quiet=args.quiet, workers=args.workers, device=args.device,
         amp=args.amp, allow_random_weights=args.allow_random_weights,
         keep_identifiers=args.keep_identifiers, manifest=args.manifest,
+        series_uid=args.series_uid, allow_non_ct=args.allow_non_ct,
     )
     summary = run_explain(opts)
     from medcam3d.cli.distributed import env_world
@@ -229,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _one_line_warnings():
             return handlers[args.command](args)
+    except ExportError as exc:  # the run started but could not write its results
+        print(f"medcam3d {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Medcam3dError as exc:
         print(f"medcam3d {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

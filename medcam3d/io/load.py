@@ -91,6 +91,30 @@ def _check_finite(arr: torch.Tensor | np.ndarray, where: Path) -> None:
         )
 
 
+#: DEFLATE cannot compress better than 1032:1 (one 258-byte match costs at least 2 bits), so a
+#: .nii.gz whose header claims more bytes than that times the file size cannot hold them.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_claimed_size(p: Path, img: Any) -> None:
+    """Refuse a single-file NIfTI whose header claims more voxel bytes than the file can hold,
+    before any voxel is read (a 83-byte .nii.gz claiming 2000^3 int16 would allocate 16 GB)."""
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    claimed = int(img.header.get_data_offset()) + int(np.prod(img.shape, dtype=np.float64)) * int(
+        img.get_data_dtype().itemsize
+    )
+    size = p.stat().st_size
+    limit = size * _MAX_DEFLATE_RATIO if name.endswith(".gz") else size
+    if claimed > limit:
+        raise VolumeLoadError(
+            f"{p} is {size} bytes but its header claims {tuple(img.shape)} voxels of "
+            f"{img.get_data_dtype()} ({claimed} bytes{', more than gzip can compress into it' if name.endswith('.gz') else ''}): "
+            "the file is truncated or its header is wrong; copy or export it again."
+        )
+
+
 def _load_nifti(p: Path) -> Any:
     import nibabel as nib
     from monai.data import MetaTensor, NibabelReader
@@ -103,6 +127,7 @@ def _load_nifti(p: Path) -> Any:
             f"{p} is not a readable NIfTI file ({type(e).__name__}: {e}). Check that it is a NIfTI-1/2 "
             "image and that the copy/download is complete."
         ) from e
+    _check_claimed_size(p, hdr_img)
     shape = tuple(int(s) for s in hdr_img.shape)
     if len(shape) < 3 or any(s < 2 for s in shape[:3]):
         raise VolumeLoadError(

@@ -142,8 +142,12 @@ def save_montage(
     fig = montage_figure(volume, expl, window, title, mask, panels)
     out = Path(path)
     tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no partial file left (e.g. disk full)
+        raise
     return out
 
 
