@@ -98,8 +98,8 @@ def probe_model(
     Raises:
         ConfigError: the preprocessing fails on the dummy; the output shape is fixed and the
             model cannot run on it.
-        TargetLayerError: the target layer is unknown, runs more than once per forward, or does
-            not emit a (B, C, *spatial) map (the engine's own checks and messages).
+        TargetLayerError: the target layer is unknown, never runs, runs more than once per
+            forward, or does not emit a (B, C, *spatial) map (the engine's own checks and messages).
     """
     from medcam3d.engine.capture import replace_target
     from medcam3d.engine.guard import frozen_eval
@@ -115,8 +115,13 @@ def probe_model(
         with frozen_eval(model), torch.no_grad():
             try:
                 target = resolve_target(model, target_layer, x, forward_kwargs=forward_kwargs)
-                with replace_target(target, x.ndim - 2, lambda a: a):
-                    model(x)
+                with replace_target(target, x.ndim - 2, lambda a: a) as seen:
+                    model(x, **(forward_kwargs or {}))
+                if not seen:
+                    raise TargetLayerError(
+                        f"target layer {target.label!r} does not run in the model's forward pass, "
+                        "so nothing it computes reaches the output; pick a layer that runs"
+                    )
             except TargetLayerError:
                 raise
             except Exception as exc:

@@ -595,7 +595,7 @@ def load_run_config(
         source=path,
         checkpoint=ckpt_path,
         model_label=label,
-        random_weights=ckpt_path is None,
+        random_weights=ckpt_path is None and not own,
         spec=spec,
         checkpoint_sha256=_sha256(ckpt_path) if ckpt_path is not None else None,
         score=score,
