@@ -150,3 +150,31 @@ def test_model_that_cannot_run_on_the_fixed_preprocessing_output(tmp_path):
     with pytest.raises(ConfigError, match=r"model: cannot run on the preprocessing's output "
                                           r"\(input shape \(1, 1, 12, 12, 12\), the same for every scan\)"):
         load_run_config(data, allow_random_weights=True, base_dir=tmp_path)
+
+
+def test_own_model_sample_config_loads_a_foreign_checkpoint(tmp_path):
+    from pathlib import Path
+    import importlib.util
+    import shutil
+
+    samples = Path(__file__).resolve().parents[1] / "sample_configs"
+    shutil.copy(samples / "own_model.yaml", tmp_path)
+    shutil.copytree(samples / "nets", tmp_path / "nets")
+    spec = importlib.util.spec_from_file_location("my_ct_net_ref", samples / "nets" / "my_ct_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(5)
+    trained = module.MyCTNet(num_classes=3, width=16)
+    saved = {}
+    for k, v in trained.state_dict().items():  # what the foreign training script wrote
+        if k.startswith("decoder."):
+            continue
+        saved["model." + ("probe." + k[5:] if k.startswith("head.") else k)] = v
+    torch.save({"epoch": 40, "ema": {"state_dict": saved}}, tmp_path / "my_ct_net.pt")
+    run = load_run_config(tmp_path / "own_model.yaml")
+    assert run.probe.target_layer == "encoder.2" and run.probe.input_shape == (1, 1, 96, 96, 96)
+    assert sorted(run.load_report.missing) == ["decoder.bias", "decoder.weight"]
+    state = run.model.state_dict()
+    for k, v in trained.state_dict().items():
+        if not k.startswith("decoder."):
+            assert torch.equal(state[k], v), k

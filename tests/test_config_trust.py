@@ -259,3 +259,14 @@ def test_stdlib_module_is_not_even_imported(tmp_path):
     with pytest.raises(ConfigError, match="standard library"):
         load_run_config(config_dict(model=_model("antigravity.Foo")), base_dir=tmp_path)
     assert "antigravity" not in sys.modules  # importing it would open a web browser
+
+
+def test_template_documents_every_model_key_and_transform():
+    from medcam3d.config.run import MODEL_KEYS
+    from medcam3d.spatial.config import CONFIG_TRANSFORMS
+
+    text = (Path(__file__).resolve().parents[1] / "sample_configs" / "template.yaml").read_text()
+    for key in MODEL_KEYS:
+        assert f"{key}:" in text, key
+    for name in CONFIG_TRANSFORMS:
+        assert f" {name}" in text, name
