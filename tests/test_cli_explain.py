@@ -128,14 +128,9 @@ def test_folder_csv_and_workers(tmp_path):
     assert _run("--config", cfg, "--input", table, "--output", out2, "--quiet", "--manifest", "jsonl") == 0
     rows = [json.loads(line) for line in (out2 / "manifest.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows][::2] == ["evil_id", "evil_id-2"]
-<<<<<<< HEAD
     assert rows[2]["mask"] == str(tmp_path / "masks" / "b_mask.nii.gz")
-    assert sorted(p.name for p in out2.iterdir()) == ["evil_id", "evil_id-2", "manifest.jsonl", "summary.csv"]
-=======
-    assert rows[2]["mask"] == str(tmp_path / "in" / "b.nii")
     assert sorted(p.name for p in out2.iterdir()) == [".medcam3d.lock", "evil_id", "evil_id-2",
-                                                      "manifest.jsonl"]
->>>>>>> e19d0eb (Cohort runs: resume compares input content, case-id collisions refused, output folder locked, manifest merged over the whole folder with run_id, partial files cleaned, one-line errors (CSV, reserved ids, CUDA on CPU torch, disk full, oversized NIfTI header), --series-uid/--allow-non-ct)
+                                                      "manifest.jsonl", "summary.csv"]
 
 
 def test_dicom_folder_and_identifiers(tmp_path):

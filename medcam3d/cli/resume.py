@@ -21,6 +21,8 @@ from typing import Any
 from medcam3d.errors import ExportError
 
 MARKER_NAME = ".medcam3d-done.json"
+#: Temporary names earlier versions used in the output folder (not hidden).
+_OLD_TEMP_NAMES = ("manifest.csv.tmp", "manifest.jsonl.tmp", "summary.csv.tmp")
 _CHUNK = 1 << 20
 
 
@@ -133,6 +135,7 @@ def clean_partials(out_root: Path) -> list[Path]:
     and stale per-rank manifest parts. Returns what was removed."""
     removed: list[Path] = []
     candidates = list(out_root.glob("manifest.rank*.jsonl"))
+    candidates += [out_root / n for n in _OLD_TEMP_NAMES if (out_root / n).is_file()]
     for folder in [out_root, *(p for p in out_root.iterdir() if p.is_dir())]:
         candidates.extend(p for p in folder.iterdir() if p.is_file() and is_partial_file(p.name))
     for p in candidates:

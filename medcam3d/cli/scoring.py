@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -214,10 +213,13 @@ def write_cohort_summary(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path 
     if not table:
         path.unlink(missing_ok=True)
         return None
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    os.replace(tmp, path)
+    import io
+
+    from medcam3d.cli.resume import atomic_write_text  # hidden temporary, removed on ENOSPC
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(path, buffer.getvalue())
     return path
