@@ -178,3 +178,25 @@ def test_own_model_sample_config_loads_a_foreign_checkpoint(tmp_path):
     for k, v in trained.state_dict().items():
         if not k.startswith("decoder."):
             assert torch.equal(state[k], v), k
+
+
+def test_probe_runs_the_model_as_explain_volume_does(tmp_path):
+    """Extra forward inputs (forward_kwargs) and a bf16 model reach the probe as they reach the
+    engine; without them the fixed-shape probe would refuse these valid configs."""
+    (tmp_path / "extra.py").write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from helpers_models import TinyNet\n"
+        "class ClinicalNet(TinyNet):\n"
+        "    def forward(self, x, clinical):\n"
+        "        return super().forward(x) + clinical.sum(1, keepdim=True)\n"
+        "def bf16_net() -> torch.nn.Module:\n"
+        "    return TinyNet().to(torch.bfloat16)\n"
+    )
+    data = config_dict(checkpoint=None, model={"_target_": "extra.py:ClinicalNet"},
+                       forward_kwargs={"clinical": [0.5, 1.0]})
+    run = load_run_config(data, allow_random_weights=True, base_dir=tmp_path)
+    assert run.probe.ran and run.probe.target_layer == "features"
+    data = config_dict(checkpoint=None, model={"_target_": "extra.py:bf16_net", "factory": True})
+    run = load_run_config(data, allow_random_weights=True, base_dir=tmp_path)
+    assert run.probe.ran and next(run.model.parameters()).dtype == torch.bfloat16

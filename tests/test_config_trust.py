@@ -270,3 +270,25 @@ def test_template_documents_every_model_key_and_transform():
         assert f"{key}:" in text, key
     for name in CONFIG_TRANSFORMS:
         assert f" {name}" in text, name
+
+
+def test_inference_tensor_model_from_a_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "inf.py").write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers_models import TinyNet\n"
+        "def build():\n"
+        "    with torch.inference_mode():\n"
+        "        return TinyNet()\n"
+    )
+    data = config_dict(checkpoint=None, model={"_target_": "inf.py:build", "factory": True,
+                                               "loads_own_weights": True})
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(data))
+    scan = write_scan(tmp_path / "in" / "s.nii.gz")
+    out = tmp_path / "out"
+    assert main(["explain", "--config", str(tmp_path / "cfg" / "run.yaml"), "--input", str(scan),
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model parameter 'features.0.weight' is an inference tensor" in err
+    assert not out.exists()

@@ -107,6 +107,8 @@ def probe_model(
 
     model = unwrap_compiled(model)  # hooks on a compiled module would make Dynamo trace them
     x, fixed = probe_input(preprocess)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = x.to(dtype)  # a bf16/fp16 model gets an input of its own dtype, as explain_volume does
     ran: set[str] = set()
     handles = []
     for name, module in model.named_modules():
