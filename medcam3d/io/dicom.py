@@ -8,8 +8,10 @@ single-series folder, but it
   a volume whose affine is silently wrong (it only warns on mismatched slice sizes);
 - returns slices in descending-z order for the sample series (axcodes LPI), unlike dcm2niix/ITK.
 Here slices are grouped by SeriesInstanceUID, sorted by ``IPP . (row x col)``, checked for gaps,
-duplicates, uneven steps and mixed geometry, and the affine comes from ImagePositionPatient (never
-from SliceThickness, which may differ from the step when slices overlap).
+duplicates, uneven steps and mixed geometry, and the affine comes from a least-squares line through
+the ImagePositionPatient values (never from SliceThickness, which may differ from the step when
+slices overlap), so positions rounded to 0.01 mm do not refuse a regular series. Files that look
+like damaged slices of the series are refused by name, since a lost end slice leaves no gap.
 
 Array convention (same as ITK/SimpleITK and dcm2niix without reorientation):
 ``vol[i, j, k]`` = column ``i``, row ``j`` of slice ``k``, slices ascending along the normal.
@@ -394,7 +396,13 @@ def read_dicom_series(
 
     Returns ``(vol, affine_ras, meta)``: ``vol`` float32 indexed ``[column, row, slice]`` in the
     modality's rescaled units (HU for CT), the 4x4 RAS affine, and a small de-identified meta dict
-    (SeriesInstanceUID, Modality, slice step and thickness; never patient tags).
+    (SeriesInstanceUID, Modality, slice step and thickness, ``load_notes``: ignored files and fitted
+    slice positions, each also issued as a ``UserWarning``; never patient tags).
+
+    Raises:
+        VolumeLoadError: a damaged file that looks like a slice (see :func:`_check_leftovers`), several
+            series without ``series_uid``, gaps, steps or slice origins off a straight line beyond
+            rounding (see :func:`_geometry`), mixed geometry, undecodable pixels.
     """
     slices, others = _scan_folder(folder)
     uid, sl = _select_series(folder, slices, series_uid)
