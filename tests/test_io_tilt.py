@@ -173,3 +173,19 @@ def test_tilted_dicom_series_through_the_command_line(tmp_path, capsys):
         (row,) = list(csv.DictReader(fh))
     assert "gantry tilt" in row["notes"]
     assert row["outside_scan_fraction"] == "0.0"
+
+
+def test_single_file_target_gets_its_resliced_copy_beside_it(tmp_path):
+    affine = _tilted_affine()
+    ct, _ = _planted(affine)
+    img = nib.Nifti1Image(ct, None)
+    img.header.set_sform(affine, code=1)
+    src = tmp_path / "tilted.nii.gz"
+    nib.save(img, str(src))
+    expl = medcam3d.explain_volume(IntensityModel(), medcam3d.load_volume(src), None, target_layer="act",
+                                   class_names=["ball"])
+    with pytest.warns(UserWarning, match="gantry tilt"):
+        paths = medcam3d.save_nifti(expl, tmp_path / "maps" / "ball.nii.gz")
+    assert [p.name for p in paths] == ["ball.nii.gz", "ball_resliced.nii.gz"]
+    assert all(p.parent == tmp_path / "maps" for p in paths)
+    sitk.ReadImage(str(paths[1]))  # opens

@@ -516,7 +516,13 @@ def save_nifti(
     if four_d:
         targets.append(unique("all-classes"))
     # gantry tilt: ITK cannot open the sheared source grid, so each class also gets an orthogonal copy
-    resliced = [unique(f"{c}{RESLICED_SUFFIX}") for c in safe] if is_sheared(affine) else []
+    resliced: list[Path] = []
+    if is_sheared(affine):
+        if single:  # "map.nii.gz" -> "map_resliced.nii.gz" next to it
+            base, ext = re.match(r"(.*?)(\.nii(?:\.gz)?)$", targets[0].name, re.IGNORECASE).groups()
+            resliced = [targets[0].with_name(f"{base}{RESLICED_SUFFIX}{ext}")]
+        else:
+            resliced = [unique(f"{c}{RESLICED_SUFFIX}") for c in safe]
     all_targets = targets + resliced
 
     classes = class_records(expl, names)
