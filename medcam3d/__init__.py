@@ -16,6 +16,7 @@ from medcam3d.errors import (
     ExportError,
     InputError,
     Medcam3dError,
+    OutputExistsError,
     TargetLayerError,
     VolumeLoadError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "Medcam3dError",
+    "OutputExistsError",
     "TargetLayerError",
     "VolumeLoadError",
     *_LAZY,

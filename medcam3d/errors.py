@@ -7,6 +7,10 @@ written against the built-ins keeps working. Messages say what went wrong, where
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
 
 class Medcam3dError(Exception):
     """Base class of every error medcam3d raises on purpose."""
@@ -34,3 +38,11 @@ class ExportError(Medcam3dError, OSError):
 
 class ConfigError(Medcam3dError, ValueError):
     """A configuration (dict or YAML) is invalid; the message names the key path."""
+
+
+class OutputExistsError(ExportError):
+    """An output file already exists and overwriting was not asked for; ``paths`` lists them."""
+
+    def __init__(self, message: str, paths: Sequence[str | os.PathLike[str]] = ()) -> None:
+        super().__init__(message)
+        self.paths = [Path(p) for p in paths]

@@ -119,3 +119,20 @@ def test_mask_on_another_grid_is_refused():
     vol, expl, _ = _case(shape, spacing)
     with pytest.raises(ValueError, match="scan's grid"):
         montage_figure(vol, expl, mask=np.zeros((10, 10, 10)))
+
+
+def test_readme_montage_script_draws_the_demo_with_outlines(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_readme_montage", root / "scripts" / "make_readme_montage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(tmp_path / "m.png")
+    from PIL import Image
+
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    cyan = (img[..., 0] < 60) & (img[..., 1] > 180) & (img[..., 2] > 200)  # the outline colour #00e5ff
+    assert cyan.sum() > 200
+    assert "demo_montage.png" in (root / "README.md").read_text()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcam3d.errors import ExportError
+from medcam3d.errors import ExportError, OutputExistsError
 from medcam3d.io.affine import ras_affine, to_numpy_affine
 from medcam3d.io.reslice import RESLICED_SUFFIX, is_sheared, reslice_orthogonal, shear_degrees
 from medcam3d.io.xform import SourceXforms, source_xforms
@@ -279,10 +279,11 @@ def _place(tmp: str, target: Path, overwrite: bool) -> None:
     try:  # link() fails if the target appeared since we checked: never overwrite by accident
         os.link(tmp, target)
     except FileExistsError as e:
-        raise ExportError(f"{target} already exists; pass overwrite=True to replace it.") from e
+        raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it.", [target]) from e
     except OSError:  # filesystem without hard links
         if target.exists():
-            raise ExportError(f"{target} already exists; pass overwrite=True to replace it.") from None
+            raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it.",
+                                    [target]) from None
         os.replace(tmp, target)
         return
     os.unlink(tmp)
@@ -313,7 +314,8 @@ def _prepare_targets(
         raise ExportError(f"Cannot write {dirs[0]}: a folder of that name exists.")
     if existing and not overwrite:
         names = ", ".join(t.name for t in existing)
-        raise ExportError(f"Output file(s) already exist in {out_dir}: {names}. Pass overwrite=True to replace them.")
+        raise OutputExistsError(
+            f"Output file(s) already exist in {out_dir}: {names}. Pass overwrite=True to replace them.", existing)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -3,7 +3,8 @@
 One place decides how medcam3d looks in napari, shared by :func:`medcam3d.view`, the npe2 reader
 and the dock widget: the CT in HU with a CT window, one additive heat layer per explained class with
 contrast limits SHARED across the classes of one scan (``threshold × shared max .. shared max``, so
-magnitudes compare and faint values vanish), masks as labels. Every layer gets the scan's affine (see
+magnitudes compare and faint values vanish), masks as labels (outlined by the viewer). Axes are
+labelled by anatomy, in mm; in 3D the CT is a minimum-intensity projection. Every layer gets the scan's affine (see
 :mod:`medcam3d.viewer.geometry`) and, under ``metadata["medcam3d"]``, what is needed to write a map
 back onto the source grid (source affine + meta, axis permutation, class, method, layer, score).
 """
@@ -20,9 +21,12 @@ import numpy as np
 from medcam3d.errors import InputError
 from medcam3d.io.affine import ras_affine, to_numpy_affine
 from medcam3d.viewer.geometry import display_grid
+from medcam3d.viewer.present import AXIS_LABELS, CT_RENDERING_3D, UNITS
 from medcam3d.viewer.windows import resolve_window
 
 LayerData = tuple[Any, dict[str, Any], str]
+#: Every medcam3d layer's world axes: RAS mm, labelled by anatomy (see medcam3d.viewer.present).
+_AXES = {"axis_labels": AXIS_LABELS, "units": UNITS}
 META_KEY = "medcam3d"
 HEAT, CT, MASK = "heat", "ct", "mask"
 
@@ -131,6 +135,8 @@ def ct_layer_data(volume: Any, *, window: Any = None, name: str | None = None) -
         "affine": shown_aff,
         "metadata": {META_KEY: info},
         "interpolation2d": "linear",
+        "rendering": CT_RENDERING_3D,
+        **_AXES,
     }
     return shown, kwargs, "image"
 
@@ -191,6 +197,7 @@ def heat_layer_data(
             "metadata": {META_KEY: info},
             "interpolation2d": "linear",
             "interpolation3d": "linear",
+            **_AXES,
         }
         out.append((shown, kwargs, "image"))
     return out
@@ -256,5 +263,6 @@ def mask_layer_data(mask: Any, name: str, volume: Any) -> LayerData:
         "affine": shown_aff,
         "opacity": 0.5,
         "metadata": {META_KEY: {"kind": MASK, "perm": perm, "affine": aff}},
+        **_AXES,
     }
     return shown, kwargs, "labels"

@@ -2,7 +2,8 @@
 
 A map written by :func:`medcam3d.save_nifti` is recognised by its header ``descrip`` (starts with
 "medcam3d"); its JSON comment extension gives the class, method and target layer (a 4D file holds
-all classes along axis 3). Everything else goes through :func:`medcam3d.load_volume` (HU, RAS affine).
+all classes along axis 3). Everything else goes through :func:`medcam3d.load_volume` (HU, RAS affine);
+a label image (:mod:`medcam3d.io.labels`) becomes an outlined labels layer, not a CT.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medcam3d.io.maps import MAP_MARK
-from medcam3d.viewer.layers import LayerData, ct_layer_data, heat_layer_data
+from medcam3d.viewer.layers import LayerData, ct_layer_data, heat_layer_data, mask_layer_data
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DICOM_PROBE = 20  # files looked at to decide whether a folder holds DICOM
@@ -60,6 +61,9 @@ def read(path: str | Sequence[str]) -> list[LayerData]:
     out: list[LayerData] = []
     for p in paths:
         out.extend(read_one(Path(p)))
+    from medcam3d.viewer.present import present_when_added
+
+    present_when_added(len(out))  # axial, radiological, fitted once napari has added them
     return out
 
 
@@ -71,7 +75,20 @@ def read_one(path: Path) -> list[LayerData]:
             return read_map(path)
     from medcam3d.io import load_volume
 
-    return [ct_layer_data(load_volume(path))]
+    volume = load_volume(path)
+    from medcam3d.io.labels import label_values
+
+    if label_values(volume) is not None:  # a mask / segmentation: outlined labels, not a CT
+        return [mask_layer_data(volume, _stem(path), volume)]
+    return [ct_layer_data(volume)]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _nifti_header(path: Path) -> Any:

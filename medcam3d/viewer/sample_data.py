@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medcam3d.viewer.layers import LayerData, ct_layer_data, mask_layer_data
+from medcam3d.viewer.present import present_when_added
 
 SAMPLE_SEED = 7
 
@@ -24,6 +25,7 @@ def synthetic_chest_ct() -> list[LayerData]:
     )
     out = [ct_layer_data(volume, name="synthetic chest CT")]
     out += [mask_layer_data(case.masks[c], c, volume) for c in CLASS_NAMES if case.labels[c]]
+    present_when_added(len(out))
     return out
 
 
@@ -41,4 +43,5 @@ def demo_chest_ct() -> list[LayerData]:
         mask = load_volume(paths[name]).numpy()[0] > 0.5
         if mask.any():
             out.append(mask_layer_data(mask.astype(np.uint8), name, volume))
+    present_when_added(len(out))
     return out

@@ -17,10 +17,7 @@ from medcam3d.viewer.layers import (
     mask_layer_data,
 )
 
-#: napari dims order for an axial view (slice along world z; rows = y, columns = x).
-AXIAL_ORDER = (2, 1, 0)
-#: Radiological convention: anterior at the top, the patient's right on the screen's left.
-RADIOLOGICAL_2D = ("up", "left")
+from medcam3d.viewer.present import AXIAL_ORDER, RADIOLOGICAL_2D, go_to_axial, present  # noqa: F401
 
 
 def _as_list(explanation: Any) -> list[Any]:
@@ -61,12 +58,6 @@ def _check_same_grid(expl: Any, volume: Any) -> None:
         )
 
 
-def go_to_axial(viewer: Any) -> None:
-    """Axial slices in radiological orientation (anterior up, patient's right on the left)."""
-    viewer.dims.order = AXIAL_ORDER
-    viewer.scene.camera.orientation2d = RADIOLOGICAL_2D
-
-
 def go_to_peak(viewer: Any, layer: Any) -> None:
     """Move the 2D slice to the world position of ``layer``'s maximum (or the centre if it is all 0)."""
     data = np.asarray(layer.data)
@@ -94,6 +85,10 @@ def build_view_layers(
     vol = as_volume(volume)
     out = [ct_layer_data(vol, window=window)]
     for expl in _as_list(explanation):
+        if isinstance(expl, (str, os.PathLike)):  # a saved map file or a folder of them
+            from medcam3d.io.maps import load_explanation
+
+            expl = load_explanation(expl)
         _check_same_grid(expl, vol)
         out.extend(explanation_layer_data(expl, colormap=colormap, opacity=opacity, threshold=threshold))
     out.extend(mask_layer_data(m, name, vol) for name, m in _mask_items(masks))
@@ -118,15 +113,17 @@ def view(
     (lower limit ``threshold × shared max``, so faint values vanish and magnitudes compare across
     classes). Every layer is placed with the scan's affine, so world coordinates are RAS mm. A new
     viewer opens in the axial plane, radiological orientation, at the slice of the strongest map
-    value; switch to 3D with ``viewer.dims.ndisplay = 3``. A "CT window" dock widget switches the
+    value, sliders labelled by anatomy; switch to 3D with ``viewer.dims.ndisplay = 3`` (the CT is then
+    a minimum-intensity projection so the heat shows). A "CT window" dock widget switches the
     window preset.
 
     Args:
         volume: MetaTensor (1, X, Y, Z) in HU with its affine, or a NIfTI file / DICOM folder path.
-        explanation: an :class:`~medcam3d.spatial.Explanation` of that volume, or a list of them
-            (e.g. HiResCAM and Grad-CAM); limits are shared within each explanation.
+        explanation: an :class:`~medcam3d.spatial.Explanation` of that volume, a map NIfTI file (or
+            a folder of one method's maps) written by ``save_nifti``/``medcam3d explain``, or a list
+            of these (e.g. HiResCAM and Grad-CAM); limits are shared within each explanation.
         masks: a mask or ``{name: mask}``; each an integer array on the volume's grid, a MetaTensor,
-            or a NIfTI path. Shown as labels layers.
+            or a NIfTI path. Shown as labels layers drawn as outlines (the heat stays visible).
         viewer: an existing napari viewer to add to; None opens a new one.
         window: CT window: None/"auto" (lung for chest CTs, else abdomen), a preset name
             ("lung", "mediastinum", "abdomen", "bone", ...), or a ``(level, width)`` pair in HU.
@@ -150,9 +147,8 @@ def view(
     from medcam3d.viewer.widgets import dock_window_widget
 
     dock_window_widget(viewer)  # before reset_view: docking narrows the canvas
+    present(viewer, fit=first)
     if first:
-        go_to_axial(viewer)
-        viewer.reset_view()
         heat = [ly for ly in added[1:] if ly.metadata.get("medcam3d", {}).get("kind") == "heat"]
         if heat:
             go_to_peak(viewer, max(heat, key=lambda ly: float(np.max(ly.data))))

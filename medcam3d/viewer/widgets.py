@@ -7,6 +7,7 @@ worker, becomes a napari error notification with medcam3d's message, never a tra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,14 @@ from typing import Any
 from magicgui import widgets as mw
 
 from medcam3d.engine import METHODS
-from medcam3d.errors import ConfigError, InputError, Medcam3dError
+from medcam3d.errors import ConfigError, InputError, Medcam3dError, OutputExistsError
 from medcam3d.viewer.layers import CT, HEAT, explanation_layer_data, medcam_meta
 from medcam3d.viewer.windows import AUTO, resolve_window, window_names
 
-WINDOW_DOCK_NAME = "CT window (medcam3d)"
+WINDOW_DOCK_NAME = "CT window"
+#: Width (px) at which the Explain form shows every label and field untruncated.
+DOCK_MIN_WIDTH = 440
+WINDOW_DOCK_MIN_WIDTH = 260
 METHOD_CHOICES = [(cls.label, name) for name, cls in METHODS.items()]
 
 
@@ -35,6 +39,12 @@ def _notify_error(message: str) -> None:
     from napari.utils.notifications import show_error
 
     show_error(message)
+
+
+def _notify_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
 
 
 def _notify_info(message: str) -> None:
@@ -86,6 +96,7 @@ class WindowWidget(mw.Container):
         self.ct_layer = mw.ComboBox(label="CT layer", choices=lambda _w: _image_layers(self.viewer, CT))
         self.window = mw.ComboBox(label="CT window", choices=[AUTO, *window_names()], value=AUTO)
         self.extend([self.ct_layer, self.window])
+        self.min_width = WINDOW_DOCK_MIN_WIDTH  # the dock's title stays readable
         self.window.changed.connect(self.apply)
         _connect_layer_events(napari_viewer, lambda *_: self.reset_choices())
 
@@ -145,6 +156,24 @@ def parse_classes(text: str, class_names: list[str] | None) -> str | list[int] |
     return out
 
 
+def check_input_channels(model: Any, channels: int) -> None:
+    """Refuse a model whose first convolution expects another number of input channels than the scan
+    has (a CT layer has 1), before torch fails with a shape error deep inside the network.
+
+    Raises:
+        InputError: naming both numbers and what to do.
+    """
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != channels:
+        raise InputError(
+            f"The model's first convolution expects {first.in_channels} input channel(s) but the CT layer "
+            f"has {channels}; use a model built with in_channels={channels} (e.g. 'in_channels: 1' in "
+            "net kwargs or the config)."
+        )
+
+
 def parse_kwargs(text: str) -> dict[str, Any]:
     """Network kwargs typed as YAML flow mapping content: 'spatial_dims: 3, in_channels: 1'."""
     import yaml
@@ -196,6 +225,7 @@ class ExplainWidget(mw.Container):
             self.method, self.classes, self.target_layer, self.explain_button, self.progress,
             self.heat_layer, self.out_dir, self.overwrite, self.save_button,
         ])  # fmt: skip
+        self.min_width = DOCK_MIN_WIDTH  # every label readable in full
         self.explain_button.changed.connect(self.explain)
         self.save_button.changed.connect(self.save)
         _connect_layer_events(napari_viewer, lambda *_: self.reset_choices())
@@ -237,13 +267,16 @@ class ExplainWidget(mw.Container):
         import medcam3d
         from medcam3d.config import build_model, load_run_config
 
-        if job["config"] is not None:
-            cfg = load_run_config(job["config"], allow_random_weights=job["allow_random"])
-            model, kwargs = cfg.model, cfg.explain_kwargs()  # the same mapping as the CLI
-        else:
-            model = build_model(job["network"], job["kwargs"], job["checkpoint"], job["allow_random"])
-            kwargs = {"preprocess": None, "class_names": None, "target_layer": None, "class_idx": "all"}
-        yield "model"
+        with warnings.catch_warnings(record=True) as caught:  # e.g. RANDOM weights: shown in the GUI
+            warnings.simplefilter("always")
+            if job["config"] is not None:
+                cfg = load_run_config(job["config"], allow_random_weights=job["allow_random"])
+                model, kwargs = cfg.model, cfg.explain_kwargs()  # the same mapping as the CLI
+            else:
+                model = build_model(job["network"], job["kwargs"], job["checkpoint"], job["allow_random"])
+                kwargs = {"preprocess": None, "class_names": None, "target_layer": None, "class_idx": "all"}
+        check_input_channels(model, int(job["volume"].shape[0]))
+        yield ("model", [str(w.message) for w in caught if issubclass(w.category, UserWarning)])
         chosen = parse_classes(job["classes"], kwargs["class_names"])
         kwargs.update(
             methods=[job["method"]],
@@ -251,7 +284,7 @@ class ExplainWidget(mw.Container):
             class_idx=kwargs["class_idx"] if chosen is None else chosen,
         )
         (expl,) = medcam3d.explain_volume(model, job["volume"], **kwargs).values()
-        yield "explained"
+        yield ("explained", [])
         return expl
 
     def explain(self, *_: Any) -> Any:
@@ -276,8 +309,10 @@ class ExplainWidget(mw.Container):
         worker.start()
         return worker
 
-    def _on_step(self, _step: str) -> None:
+    def _on_step(self, step: Any) -> None:
         self.progress.value = min(self.progress.value + 1, self.progress.max)
+        for message in (step[1] if isinstance(step, tuple) else []):
+            _notify_warning(message)
 
     def _on_result(self, expl: Any) -> None:
         try:
@@ -294,7 +329,8 @@ class ExplainWidget(mw.Container):
 
     def _on_error(self, exc: BaseException) -> None:
         cause = exc.__cause__ if isinstance(exc, _WorkerFailure) and exc.__cause__ is not None else exc
-        _notify_error(f"medcam3d could not explain the scan: {_error_text(cause)}")
+        self.progress.value = 0  # a failed run leaves no half-full bar
+        _notify_error(f"{_error_text(cause)} (medcam3d could not explain the scan)")  # cause first
 
     def _on_finished(self) -> None:
         self.explain_button.enabled = True
@@ -312,6 +348,10 @@ class ExplainWidget(mw.Container):
             if out is None:
                 raise InputError("Choose the folder to save the map into ('save to').")
             paths = save_heat_layer(layer, out, overwrite=bool(self.overwrite.value))
+        except OutputExistsError as exc:  # the widget's wording: a checkbox, not an argument
+            names = ", ".join(p.name for p in exc.paths)
+            _notify_error(f"{names} already exist(s) in {exc.paths[0].parent}; tick 'overwrite' to replace.")
+            return []
         except Exception as exc:
             _notify_error(_error_text(exc))
             return []
