@@ -231,3 +231,19 @@ def test_demo_says_where_the_lesions_are_and_gives_a_real_view_command(tmp_path,
     lo, hi = xyz.min(0), xyz.max(0)
     want = f"x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f}, z {lo[2]:.0f}..{hi[2]:.0f}"
     assert f"  nodule: {int(len(xyz))} voxels, {want}" in text
+
+
+def test_explain_volume_takes_class_names_as_class_idx(tmp_path):
+    import medcam3d
+
+    scan_vol = medcam3d.load_volume(write_scan(tmp_path / "s.nii.gz"))
+    net = BoxNet(list(SHAPE), BOX, BIAS1)
+    names = ["nodule", "effusion"]
+    by_name = medcam3d.explain_volume(net, scan_vol, target_layer="features", class_idx="effusion", class_names=names)
+    by_index = medcam3d.explain_volume(net, scan_vol, target_layer="features", class_idx=[1], class_names=names)
+    assert by_name.class_names == ["effusion"] and by_name.class_idx.tolist() == [1]
+    assert torch.equal(by_name.logits, by_index.logits)
+    mixed = medcam3d.explain_volume(net, scan_vol, target_layer="features", class_idx=["effusion", 0], class_names=names)
+    assert mixed.class_names == ["effusion", "nodule"]
+    with pytest.raises(medcam3d.ClassIndexError, match="'pneumothorax' is not a class name.*nodule, effusion"):
+        medcam3d.explain_volume(net, scan_vol, target_layer="features", class_idx="pneumothorax", class_names=names)

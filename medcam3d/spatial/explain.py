@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from medcam3d.engine import ClassSpec, MultiCAM, ScoreSpec
-from medcam3d.errors import InputError
+from medcam3d.errors import ClassIndexError, InputError
 from medcam3d.explanation import ACTIVATIONS, Explanation
 from medcam3d.spatial.coverage import outside_scan_fraction
 from medcam3d.spatial.inverse import iter_maps_to_volume, maps_to_volume
@@ -80,6 +80,31 @@ def _to_device(value: Any, dev: torch.device) -> Any:
     return value
 
 
+def class_indices_by_name(class_idx: Any, class_names: Sequence[str] | None) -> Any:
+    """``class_idx`` with class names replaced by their output index in ``class_names``.
+
+    "all" stays "all"; ints, tensors and None pass through.
+
+    Raises:
+        ClassIndexError: a name that is not in ``class_names`` (the message lists them).
+    """
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if class_names is not None and v in list(class_names):
+            return list(class_names).index(v)
+        known = f"known names: {', '.join(class_names)}" if class_names else "no class_names were given"
+        raise ClassIndexError(f"class_idx: {v!r} is not a class name ({known}); give names from "
+                              "class_names or output indices.")
+
+    if isinstance(class_idx, str):
+        return class_idx if class_idx == "all" else one(class_idx)
+    if isinstance(class_idx, (list, tuple)) and any(isinstance(v, str) for v in class_idx):
+        return [one(v) for v in class_idx]
+    return class_idx
+
+
 @overload
 def explain_volume(
     model: nn.Module, volume: Any, preprocess: Any = ..., method: str = ..., target_layer: str | nn.Module | None = ...,
@@ -126,7 +151,8 @@ def explain_volume(
         method: one method name (see ``medcam3d.engine.METHODS``) when ``methods`` is None.
         target_layer: layer name, module, or None for the engine's default.
         class_idx: which score columns to explain (every form of ``medcam3d.engine.ClassSpec``:
-            "all", None for the top class, an int, a list of ints).
+            "all", None for the top class, an int, a list of ints), or class names from
+            ``class_names`` ("nodule" or ["nodule", 2]), as the YAML config accepts them.
         class_names: one name per MODEL OUTPUT (N of them); the explained ones are picked out.
         activation: "sigmoid" (multi-label) or "softmax" (over all N outputs) for ``probabilities``.
         device: where the model runs (the model is moved there); None: where its parameters are.
@@ -160,6 +186,7 @@ def explain_volume(
     if methods is not None and method != "hirescam":
         raise InputError(f"give method= (one Explanation) or methods= (a dict of them), not both; got "
                          f"method={method!r} and methods={list(methods)!r}.")
+    class_idx = class_indices_by_name(class_idx, class_names)
     multi = MultiCAM(model, [method] if methods is None else methods, target_layer)
     vol = as_volume(volume)
     compose = build_preprocessing(preprocess)
