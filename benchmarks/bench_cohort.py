@@ -7,8 +7,9 @@ cases are copies (symlinks) of one scan under different names. Rows are interlea
 and the median is printed (the machine may be shared: compare ratios, not seconds).
 
 Rows per (config, scan): the floor; the CLI as shipped (float32 maps); ``output.storage: uint16``;
-and the CLI with MONAI's step-by-step ``Compose.inverse`` forced (the reference inverse path, for the
-inverse stage's before/after). Stage shares come from the manifest's ``seconds_*`` columns.
+uint16 on a 2 mm world-aligned grid (``output.spacing_mm: 2``); and the CLI with MONAI's
+step-by-step ``Compose.inverse`` forced (the reference inverse path, for the inverse stage's
+before/after). Stage shares come from the manifest's ``seconds_*`` columns.
 
     python benchmarks/bench_cohort.py                       # tests/data CT + DICOM series, demo + DenseNet121
     python benchmarks/bench_cohort.py --scan /work/shared/data/chest_ct/lung1_ct.nii.gz --config demo
@@ -22,6 +23,7 @@ measures, each in a fresh process, the peak RSS and the time of the floor and of
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -35,7 +37,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "totalseg"
-DEFAULT_SCANS = [DATA / "example_ct.nii.gz", DATA / "example_ct_dicom"]
+DEFAULT_SCANS = [DATA / "example_ct_sm.nii.gz", DATA / "example_ct_dicom"]
 CONFIGS = {"demo": ROOT / "sample_configs" / "demo.yaml", "densenet121": ROOT / "sample_configs" / "densenet121_3d.yaml"}
 STAGES = ("load", "preprocess", "engine", "inverse", "write", "montage")
 
@@ -121,6 +123,7 @@ def _stage_seconds(rows: list[dict]) -> dict[str, float]:
 def bench(scans: list[Path], configs: list[str], device: str, rounds: int, work: Path) -> None:
     rows: dict[tuple, dict] = {}
     variants = [("float32 (default)", {}, False), ("uint16 storage", {"storage": "uint16"}, False),
+                ("uint16 on a 2 mm grid", {"storage": "uint16", "spacing_mm": 2.0}, False),
                 ("MONAI inverse (before)", {}, True)]
     for r in range(rounds + 1):  # round 0 warms up (imports, caches); not recorded
         for cname in configs:
@@ -213,9 +216,46 @@ def thin(src: Path, configs: list[str], device: str, work: Path) -> None:
         f, c = res["floor"], res["case"]
         goal = f["peak_rss_mb"] + 2 * full_map_mb
         written = sum(p.stat().st_size for p in (work / "thin_out").rglob("*.nii.gz")) / 1e6
+        with open(work / "thin_out" / "manifest.csv", newline="") as fh:
+            st = _stage_seconds(list(csv.DictReader(fh)))
+        stages = ", ".join(f"{s} {v:.1f} s" for s, v in st.items())
         print(f"{cname:12} floor {f['seconds']:.1f} s, {f['peak_rss_mb']:.0f} MB | case {c['seconds']:.1f} s "
               f"({c['seconds'] / f['seconds']:.1f}x floor), peak {c['peak_rss_mb']:.0f} MB "
-              f"(goal <= floor + 2 maps = {goal:.0f} MB), {written:.0f} MB written")
+              f"(goal <= floor + 2 maps = {goal:.0f} MB), {written:.0f} MB written; stages: {stages}")
+
+
+def inverse_only(scans: list[Path], configs: list[str], rounds: int) -> None:
+    """The inverse stage alone: MONAI's step-by-step Compose.inverse vs the composed resampling,
+    K = 3 smooth maps, interleaved in this process; also the largest difference (of the maximum)."""
+    import torch
+
+    from medcam3d.config import load_run_config
+    from medcam3d.io import load_volume
+    from medcam3d.spatial import build_preprocessing, model_input
+    from medcam3d.spatial.inverse import maps_to_volume, maps_to_volume_monai
+
+    print(f"\n{'config':12} {'scan':22} {'MONAI inverse s':>15} {'composed s':>10} {'speed-up':>8} {'max diff':>9}")
+    for cname in configs:
+        cfg = load_run_config(CONFIGS[cname], allow_random_weights=True)
+        for scan in scans:
+            vol = load_volume(scan)
+            compose = build_preprocessing(cfg.preprocess)
+            x = model_input(vol, compose)
+            coarse = torch.rand(1, 3, 6, 6, 5, generator=torch.Generator().manual_seed(0))
+            maps = torch.nn.functional.interpolate(coarse, size=tuple(x.shape[1:]), mode="trilinear")[0]
+            times: dict[str, list[float]] = {"monai": [], "composed": []}
+            for _ in range(rounds):
+                for name, fn in (("monai", maps_to_volume_monai), ("composed", maps_to_volume)):
+                    t0 = time.perf_counter()
+                    out = fn(maps, x, compose, vol)
+                    times[name].append(time.perf_counter() - t0)
+                    if name == "monai":
+                        ref = out
+                    else:
+                        diff = float((out - ref).abs().max() / ref.max())
+                    del out
+            a, b = statistics.median(times["monai"]), statistics.median(times["composed"])
+            print(f"{cname:12} {scan.name:22} {a:15.2f} {b:10.2f} {a / b:8.1f} {diff:9.1e}")
 
 
 def main() -> None:
@@ -225,7 +265,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=1, help="measured rounds after the warm-up round")
     parser.add_argument("--thin", type=Path, default=None, help="build the 512x512x384 case from this scan")
-    parser.add_argument("--skip-cohort", action="store_true", help="only the --thin measurement")
+    parser.add_argument("--skip-cohort", action="store_true", help="skip the cohort rows")
+    parser.add_argument("--inverse", action="store_true", help="also time the inverse stage alone")
     args = parser.parse_args()
     configs = args.config or sorted(CONFIGS)
     import torch
@@ -237,6 +278,8 @@ def main() -> None:
         work = Path(tmp)
         if not args.skip_cohort:
             bench(args.scan or DEFAULT_SCANS, configs, args.device, args.rounds, work)
+        if args.inverse:
+            inverse_only(args.scan or DEFAULT_SCANS, configs, max(args.rounds, 1) + 1)
         if args.thin is not None:
             thin(args.thin, configs, args.device, work)
 

@@ -75,8 +75,10 @@ def quantise_uint16(data: np.ndarray) -> tuple[np.ndarray, float]:
         raise ExportError("uint16 storage needs finite, non-negative maps; use storage='float32'.")
     vmax = float(data.max()) if data.size else 0.0
     slope = vmax / 65535.0 if vmax > 0 else 1.0
-    stored = np.rint(data / np.float32(slope)).clip(0, 65535).astype(np.uint16)
-    return stored, slope
+    scaled = np.multiply(data, np.float32(1.0 / slope), dtype=np.float32)  # one float32 temporary
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 65535, out=scaled)
+    return scaled.astype(np.uint16), slope
 
 
 def _ras_affine(maps: Any) -> np.ndarray:
@@ -177,9 +179,11 @@ def build_nifti(
         # a sheared affine (e.g. gantry tilt) has no exact quaternion form: keep it in the sform only
         img.set_qform(affine, code=0)
     hdr.set_xyzt_units("mm", "unknown")
-    finite = data[np.isfinite(data)]
-    hdr["cal_min"] = float(finite.min()) if finite.size else 0.0
-    hdr["cal_max"] = float(finite.max()) if finite.size else 0.0
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # rare: only then pay for a masked copy
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    hdr["cal_min"], hdr["cal_max"] = lo, hi
     hdr["descrip"] = descrip.encode("ascii", "replace")[:80]
     hdr["intent_name"] = intent_name.encode("ascii", "replace")[:15]
     if extension is not None:
