@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="explain scans with a config; writes NIfTI maps, PNG montages and a manifest",
         description="Explain NIfTI files, DICOM series folders, a folder of them, or a CSV with a "
-        "'path' column (optional case_id, mask). Outputs go to OUTPUT/<case_id>/. Finished cases "
-        "are skipped on a rerun unless the config or input changed (or --overwrite). Runs under "
-        "torchrun (torchrun --nproc_per_node N -m medcam3d explain ...).",
+        "'path' column (optional case_id, mask, series_uid, allow_non_ct). Outputs go to "
+        "OUTPUT/<case_id>/; the manifest covers every case in OUTPUT. Finished cases are skipped "
+        "on a rerun unless the config or the input's content changed (or --overwrite); one run at a "
+        "time per OUTPUT (a second one refuses). Runs under torchrun (torchrun --nproc_per_node N "
+        "-m medcam3d explain ...).",
     )
     ex.add_argument("--config", required=True, help="YAML run config (see sample_configs/template.yaml)")
     ex.add_argument("--input", required=True, nargs="+", metavar="PATH", dest="inputs",
