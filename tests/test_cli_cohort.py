@@ -414,3 +414,34 @@ def test_allow_non_ct_and_series_uid_options(tmp_path):
     assert _run("--config", cfg, "--input", table, "--output", out3, "--quiet") == 0
     assert [(r["case_id"], r["status"], r["series_uid"]) for r in _manifest(out3)] == [
         ("m", "ok", ""), ("t", "ok", "1.2.3.4.5")]
+
+
+def test_killed_run_leaves_no_lock_and_its_leftovers_are_cleaned(tmp_path):
+    """A run killed (SIGKILL) mid-case: the OS drops its lock, the next run goes through, removes
+    the stale manifest part and holder note, and finishes every case."""
+    import signal
+
+    cfg = _slow_config(tmp_path)
+    scans = [write_scan(tmp_path / "in" / f"k{i}.nii.gz", seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                       str(Path(__file__).parents[1])]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "medcam3d", "explain", "--config", str(cfg), "--output", str(out),
+           "--quiet", "--input", *map(str, scans)]
+    victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = out / "manifest.rank0.jsonl"
+    deadline = time.monotonic() + 120
+    while not part.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert part.exists()
+    victim.send_signal(signal.SIGKILL)  # waiting in the first case's forward (no GO file yet)
+    victim.wait(timeout=60)
+    assert (out / ".medcam3d-run.json").exists()  # the dead holder's note is still there
+    (tmp_path / "GO").touch()
+    loud = [c for c in cmd if c != "--quiet"]
+    done = subprocess.run(loud, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 temporary file(s) left by an interrupted run" in done.stderr
+    assert [(r["case_id"], r["status"]) for r in _manifest(out)] == [("k0", "ok"), ("k1", "ok")]
+    assert not part.exists() and not (out / ".medcam3d-run.json").exists()
