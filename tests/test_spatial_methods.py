@@ -116,6 +116,10 @@ def test_config_keys_map_to_explain_volume(tmp_path):
     torch.testing.assert_close(kwargs["forward_kwargs"]["clinical"], torch.tensor([[0.5, -2.0]]))
     out = explain_volume(cfg.model, _volume(), **kwargs)
     assert list(out) == ["hirescam", "gradcampp"]
+    per_case = cfg.explain_kwargs(case_inputs={"clinical": torch.tensor([[1.0, 1.0]])})
+    torch.testing.assert_close(per_case["forward_kwargs"]["clinical"], torch.tensor([[1.0, 1.0]]))
+    other = explain_volume(cfg.model, _volume(), **per_case)
+    assert not torch.allclose(other["hirescam"].logits, out["hirescam"].logits)  # the case's value was used
 
 
 def test_config_similarity_reference_file_and_its_hash(tmp_path):

@@ -152,10 +152,14 @@ class RunConfig:
     score: Any = None
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def explain_kwargs(self) -> dict[str, Any]:
+    def explain_kwargs(self, case_inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The :func:`medcam3d.explain_volume` arguments this config sets (every method in one
         pass): the one mapping shared by the CLI and the napari widget. Add the volume, ``device``
-        and ``amp``; override any key (e.g. ``methods``) as needed."""
+        and ``amp``; override any key (e.g. ``methods``) as needed.
+
+        ``case_inputs``: per-case extra model inputs (e.g. clinical values read from a cohort CSV's
+        columns, already batched tensors), merged over the config's constant ``forward_kwargs``.
+        """
         from medcam3d.config.explain_args import forward_values
 
         return {
@@ -166,7 +170,7 @@ class RunConfig:
             "class_names": self.class_names,
             "activation": self.activation,
             "score": self.score,
-            "forward_kwargs": forward_values(self.forward_kwargs),
+            "forward_kwargs": {**forward_values(self.forward_kwargs), **dict(case_inputs or {})},
         }
 
     def fingerprint(self) -> str:
