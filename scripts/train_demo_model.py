@@ -86,14 +86,23 @@ def cell_evidence(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bc...,kc->bk...", features, weight)
 
 
-def negative_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def axial_cell_evidence(features: torch.Tensor, fc: torch.nn.Conv3d) -> torch.Tensor:
+    """(B, K, h, w, Z) evidence of each class per cell for AxialNet features (B, C, h, w, Z) feeding its
+    per-slice FC ``fc`` (weight (K, C, h, w, 1)): a slice's score is its sum over (h, w) plus the bias,
+    the logit the mean of those over z (so, up to the 1/Z factor, it is the HiResCAM map at that layer)."""
+    return torch.einsum("bchwz,kchw->bkhwz", features, fc.weight[..., 0])
+
+
+def negative_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      cam: torch.Tensor | None = None) -> torch.Tensor:
     """Mean positive class evidence per cell, over the (case, class) pairs whose label is 0.
 
     Penalising it asks the model to keep normal anatomy evidence-free and to put its baseline in the
     bias: a case then scores high only where a lesion adds evidence. Where that evidence sits is still
     up to the model (a large receptive field can carry it far from the lesion): see outside_evidence.
+    ``cam`` (B, K, *cells), when given, is the per-cell evidence itself (AxialNet: axial_cell_evidence).
     """
-    cam = cell_evidence(features, weight).flatten(2)  # (B, K, cells)
+    cam = (cell_evidence(features, weight) if cam is None else cam).flatten(2)  # (B, K, cells)
     neg = labels < 0.5
     if not neg.any():
         return features.new_zeros(())
@@ -101,11 +110,12 @@ def negative_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torc
 
 
 def outside_evidence(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     masks: torch.Tensor, margin_cells: int = 1) -> torch.Tensor:
+                     masks: torch.Tensor, margin_cells: int = 1, cam: torch.Tensor | None = None) -> torch.Tensor:
     """Mean positive class evidence in cells farther than ``margin_cells`` from the class's lesion,
     over the (case, class) pairs whose label is 1 (the training masks are exact, see medcam3d.synthetic).
+    ``cam``: as in negative_evidence.
     """
-    cam = cell_evidence(features, weight)
+    cam = cell_evidence(features, weight) if cam is None else cam
     near = F.adaptive_max_pool3d(masks.float(), cam.shape[2:])
     if margin_cells > 0:
         near = F.max_pool3d(near, 2 * margin_cells + 1, stride=1, padding=margin_cells)
@@ -135,7 +145,8 @@ def predict(model: torch.nn.Module, ds, batch_size: int = 8) -> tuple[np.ndarray
 
 def head_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Parameter]:
     """The final linear layer's parameters (the classification head)."""
-    head = model.class_layers.out if kind == "gap" else model.final  # DenseNet / Classifier
+    head = {"gap": lambda: model.class_layers.out, "flatten": lambda: model.final,  # DenseNet / Classifier
+            "axialnet": lambda: model.slice_fc}[kind]()
     return list(head.parameters())
 
 
@@ -167,9 +178,9 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     captured: dict[str, torch.Tensor] = {}
     hook = None
     if args.negative_evidence_weight > 0 or args.outside_evidence_weight > 0:
-        if kind != "gap":
-            raise SystemExit("--negative-evidence-weight applies to the gap model only")
-        hook = model.get_submodule(TARGET_LAYERS["gap"]).register_forward_hook(
+        if kind == "flatten":
+            raise SystemExit("--negative/outside-evidence-weight apply to the gap and axialnet models only")
+        hook = model.get_submodule(TARGET_LAYERS[kind]).register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("features", out))
     for step in range(args.steps):
         model.train()
@@ -183,10 +194,12 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
         if args.pair_rank_weight > 0:
             loss = loss + args.pair_rank_weight * pair_rank_loss(logits, y, flips)
         if hook is not None:
-            feats, head_w = captured.pop("features"), model.class_layers.out.weight
-            loss = loss + args.negative_evidence_weight * negative_evidence(feats, head_w, y)
+            feats = captured.pop("features")
+            head_w = model.class_layers.out.weight if kind == "gap" else None
+            cam = axial_cell_evidence(feats, model.slice_fc) if kind == "axialnet" else None
+            loss = loss + args.negative_evidence_weight * negative_evidence(feats, head_w, y, cam)
             if args.outside_evidence_weight > 0:
-                loss = loss + args.outside_evidence_weight * outside_evidence(feats, head_w, y, masks)
+                loss = loss + args.outside_evidence_weight * outside_evidence(feats, head_w, y, masks, cam=cam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -222,7 +235,7 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="gap,flatten", help="comma list of: gap, flatten")
+    p.add_argument("--models", default="gap,flatten", help="comma list of: gap, flatten, axialnet")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -237,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair-rank-weight", type=float, default=0.0,
                    help="weight of the twin-pair ranking loss (see pair_rank_loss); 0 = BCE only")
     p.add_argument("--negative-evidence-weight", type=float, default=0.0,
-                   help="gap model: weight of the penalty on positive per-cell class evidence where "
+                   help="gap/axialnet: weight of the penalty on positive per-cell class evidence where "
                         "the class is absent (see negative_evidence); 0 = off")
     p.add_argument("--outside-evidence-weight", type=float, default=0.0,
-                   help="gap model: weight of the penalty on positive class evidence farther than one "
+                   help="gap/axialnet: weight of the penalty on positive class evidence farther than one "
                         "cell from the lesion's exact mask in cases that have it; 0 = off")
     p.add_argument("--head-lr-mult", type=float, default=1.0,
                    help="learning-rate multiplier of the final linear layer (see train_one)")

@@ -3,10 +3,13 @@
     from medcam3d.models import load_demo_model, demo_preprocess, CLASS_NAMES
     model = load_demo_model("gap")        # MONAI DenseNet, GAP head
     flat = load_demo_model("flatten")     # MONAI Classifier, flatten + linear head
+    axial = load_demo_model("axialnet")   # AxialNet: 2D CNN per axial slice, per-slice FC, mean over slices
 """
 
 from medcam3d.models.auroc import auroc, per_class_auroc
+from medcam3d.models.axialnet import AxialNet
 from medcam3d.models.demo import (
+    AXIAL_KWARGS,
     CELL_HALF_DIAGONAL_MM,
     CLASS_NAMES,
     FLATTEN_KWARGS,
@@ -26,6 +29,8 @@ from medcam3d.models.demo import (
 )
 
 __all__ = [
+    "AXIAL_KWARGS",
+    "AxialNet",
     "CELL_HALF_DIAGONAL_MM",
     "CLASS_NAMES",
     "FLATTEN_KWARGS",

@@ -1,10 +1,13 @@
 """The bundled demo classifiers: small MONAI 3D nets trained on synthetic chest CT (medcam3d.synthetic).
 
-Two models share one input convention (:data:`INPUT_SHAPE` voxels at :data:`SPACING` mm, RAS, HU
+The models share one input convention (:data:`INPUT_SHAPE` voxels at :data:`SPACING` mm, RAS, HU
 windowed to [0, 1] with :data:`HU_WINDOW`) and three multi-label outputs (:data:`CLASS_NAMES`):
 
 - ``"gap"``: MONAI ``DenseNet`` ending in global average pooling + linear (the usual 3D CNN head).
   At its last layer HiResCAM and Grad-CAM coincide.
+- ``"axialnet"``: :class:`medcam3d.models.axialnet.AxialNet` (2D CNN per axial slice, per-slice FC as a
+  convolution, mean over slices), the paper author's CT architecture: a spatial head on which
+  HiResCAM is exactly the model's computation and Grad-CAM is not (the paper-claim model).
 - ``"flatten"``: MONAI ``Classifier`` (conv stack -> flatten -> one linear layer), a head with a
   weight per position: HiResCAM's map sums exactly to the logit minus the bias; Grad-CAM's does not.
 
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from medcam3d.errors import ConfigError, InputError
+from medcam3d.models.axialnet import AXIAL_TARGET_LAYER, AxialNet
 from medcam3d.synthetic import CLASS_NAMES, DEFAULT_FOV_MM, DEFAULT_SHAPE
 
 #: Model input grid (x, y, z voxels, RAS) = the synthetic generator's default grid.
@@ -35,6 +39,12 @@ GAP_KWARGS: dict[str, Any] = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": len(CLASS_NAMES),
     "init_features": 16, "growth_rate": 8, "block_config": (4, 4),
 }
+#: AxialNet (medcam3d.models.axialnet): 2D CNN per axial slice (stride 4 -> 16 x 16 cells of 20 x 20 mm
+#: per 6 mm slice), per-slice FC as a Conv3d with a (16, 16, 1) kernel, mean over the 48 slices.
+AXIAL_KWARGS: dict[str, Any] = {
+    "slice_shape": INPUT_SHAPE[:2], "classes": len(CLASS_NAMES),
+    "channels": (8, 16, 32), "strides": (2, 2, 1),
+}
 FLATTEN_KWARGS: dict[str, Any] = {
     "in_shape": (1, *INPUT_SHAPE), "classes": len(CLASS_NAMES),
     "channels": (8, 16, 32, 32), "strides": (2, 2, 2, 2),
@@ -45,11 +55,12 @@ FLATTEN_KWARGS: dict[str, Any] = {
 GAP_CELL_MM: tuple[float, float, float] = tuple(8 * s for s in SPACING)  # type: ignore[assignment]
 CELL_HALF_DIAGONAL_MM: float = 0.5 * sum(c * c for c in GAP_CELL_MM) ** 0.5
 #: Layer explained by default: the GAP model's last feature map, the flatten model's last conv block.
-TARGET_LAYERS: dict[str, str] = {"gap": "class_layers.relu", "flatten": "net"}
+TARGET_LAYERS: dict[str, str] = {"gap": "class_layers.relu", "flatten": "net", "axialnet": AXIAL_TARGET_LAYER}
 #: An earlier layer of the GAP model (inside the transition between its two dense blocks, before the
 #: pooling: 16 x 16 x 12 cells), for comparisons.
 GAP_EARLY_LAYER = "features.transition1.relu"
-WEIGHT_FILES: dict[str, str] = {"gap": "demo_weights.pt", "flatten": "demo_flatten_weights.pt"}
+WEIGHT_FILES: dict[str, str] = {"gap": "demo_weights.pt", "flatten": "demo_flatten_weights.pt",
+                                "axialnet": "demo_axialnet_weights.pt"}
 KINDS = tuple(WEIGHT_FILES)
 
 
@@ -60,11 +71,13 @@ def _check_kind(kind: str) -> str:
 
 
 def build_demo_model(kind: str = "gap") -> nn.Module:
-    """An untrained demo network of the given kind ("gap" or "flatten"), in train mode."""
+    """An untrained demo network of the given kind ("gap", "flatten" or "axialnet"), in train mode."""
     from monai.networks.nets import Classifier, DenseNet
 
     if _check_kind(kind) == "gap":
         return DenseNet(**GAP_KWARGS)
+    if kind == "axialnet":
+        return AxialNet(**AXIAL_KWARGS)
     return Classifier(**FLATTEN_KWARGS)
 
 
