@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Draw the planted demonstration: a nodule and its copy planted in front of the chest, explained by the
+"""Draw the planted demonstration: an effusion and its copy planted in front of the chest, explained by the
 AxialNet demo model with HiResCAM and Grad-CAM at the same layer (docs/paper_claim_planted.png).
 
     python scripts/make_paper_claim_figure.py [--out docs/paper_claim_planted.png]
 
-The decoy's copy of the nodule activates the slice CNN exactly like the nodule does, but the per-slice
-FC weights at its in-plane position give it (almost) no evidence: adding it barely moves the score
-(printed, and in the figure title). HiResCAM shows that; Grad-CAM, whose channel weights are averages
-over all positions, lights the decoy up like the real nodule.
+The copy of the effusion activates the slice CNN like the effusion does, but the per-slice FC weights
+at its in-plane position give it (almost) no evidence: adding it barely moves the score (printed, and
+in the figure title). HiResCAM shows that; Grad-CAM, whose channel weights are averages over all
+positions, puts positive mass on the copy's cells.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     fig, report = draw_decoy_figure()
+    report_class = "effusion"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(report)
-    print(f"decoy effect on the nodule logit {report.decoy_effect:+.4f}; nodule effect {report.nodule_effect:+.4f}")
+    print(f"decoy effect on the {report_class} logit {report.decoy_effect:+.4f}; lesion effect {report.lesion_effect:+.4f}")
     print(f"wrote {args.out}")
     return 0
 

@@ -143,6 +143,34 @@ def predict(model: torch.nn.Module, ds, batch_size: int = 8) -> tuple[np.ndarray
     return np.concatenate(probs), np.concatenate(labels)
 
 
+class TiedPlusFree(torch.nn.Module):
+    """Parametrisation of AxialNet's per-slice FC weight during training: W[k, c, i, j] = t[k, c] / (h w) + V.
+
+    ``t`` (K, C) is shared by all in-plane positions and scaled like a global-average-pool head, so it
+    learns which channels are evidence at a GAP head's pace; V (the layer's own weight, per position)
+    learns where. Why: with Adam every weight moves about lr per step, and a per-position head has
+    h*w*C weights all pushing the score the same way (features are >= 0), so a learning rate that
+    lets a lesion's few cells gain weight makes the score swing by lr * h*w*C per step. After training
+    the sum is folded into the plain weight (:func:`fold_tied_head`); the shipped model has no trace of it.
+    """
+
+    def __init__(self, classes: int, channels: int, cells: int) -> None:
+        super().__init__()
+        self.tied = torch.nn.Parameter(torch.zeros(classes, channels))
+        self.cells = cells
+
+    def forward(self, free: torch.Tensor) -> torch.Tensor:
+        return free + (self.tied / self.cells)[:, :, None, None, None]
+
+
+def fold_tied_head(model: torch.nn.Module) -> None:
+    """Replace a TiedPlusFree-parametrised slice_fc weight by its value (a plain Conv3d again)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(model.slice_fc, "weight"):
+        parametrize.remove_parametrizations(model.slice_fc, "weight", leave_parametrized=True)
+
+
 def head_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Parameter]:
     """The final linear layer's parameters (the classification head)."""
     head = {"gap": lambda: model.class_layers.out, "flatten": lambda: model.final,  # DenseNet / Classifier
@@ -153,17 +181,39 @@ def head_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Paramete
 def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     """Train one demo model, save its state_dict, return a summary dict."""
     torch.manual_seed(args.seed)
-    model = build_demo_model(kind)
+    if kind == "axialnet" and (args.axial_channels or args.axial_strides):
+        from medcam3d.models import AXIAL_KWARGS, AxialNet
+
+        kw = dict(AXIAL_KWARGS)
+        if args.axial_channels:
+            kw["channels"] = tuple(int(v) for v in args.axial_channels.split(","))
+        if args.axial_strides:
+            kw["strides"] = tuple(int(v) for v in args.axial_strides.split(","))
+        model = AxialNet(**kw)  # a variant; the shipped one is AXIAL_KWARGS (set it to the variant kept)
+    else:
+        model = build_demo_model(kind)
     if args.init is not None:  # fine-tune: start from an earlier stage's weights
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
-    n_params = sum(p.numel() for p in model.parameters())
-    head = head_parameters(model, kind)
-    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    elif kind == "axialnet" and args.zero_head:
+        # the per-slice FC has a weight per position: random initial weights only add noise to the score
+        torch.nn.init.zeros_(model.slice_fc.weight)
+    tied: list[torch.nn.Parameter] = []
+    if kind == "axialnet" and args.tied_head_lr_mult > 0:
+        from torch.nn.utils import parametrize
+
+        k, c, h, w, _ = model.slice_fc.weight.shape
+        parametrize.register_parametrization(model.slice_fc, "weight", TiedPlusFree(k, c, h * w))
+        tied = [model.slice_fc.parametrizations.weight[0].tied]
+    n_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tied)
+    head = [p for p in head_parameters(model, kind) if all(p is not t for t in tied)]
+    body = [p for p in model.parameters() if all(p is not h for h in head + tied)]
     # a GAP head divides each cell's evidence by the number of cells (16*16*12 for the gap model), so a
     # lesion covering one cell moves the logit only if the head weights grow large: they get a larger
     # learning rate (and no weight decay) instead of waiting thousands of steps
     opt = torch.optim.Adam([{"params": body, "lr": args.lr, "weight_decay": args.weight_decay},
-                            {"params": head, "lr": args.lr * args.head_lr_mult, "weight_decay": 0.0}])
+                            {"params": head, "lr": args.lr * args.head_lr_mult, "weight_decay": 0.0}]
+                           + ([{"params": tied, "lr": args.lr * args.tied_head_lr_mult, "weight_decay": 0.0}]
+                              if tied else []))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     t0 = time.perf_counter()
@@ -213,6 +263,8 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
     train_s = time.perf_counter() - t0
     if hook is not None:
         hook.remove()
+    if kind == "axialnet":
+        fold_tied_head(model)
     model.eval()
     path = out_dir / WEIGHT_FILES[kind]
     torch.save({k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
@@ -228,7 +280,8 @@ def train_one(kind: str, args: argparse.Namespace, out_dir: Path) -> dict:
             "phase1_other_weight": args.phase1_other_weight, "class_weights": args.class_weights, "pair_rank_weight": args.pair_rank_weight,
             "negative_evidence_weight": args.negative_evidence_weight,
             "outside_evidence_weight": args.outside_evidence_weight, "head_lr_mult": args.head_lr_mult,
-            "flip_order": args.flip_order, "train_seed": args.seed, "val_seed": args.val_seed, "val_n": args.val_n,
+            "flip_order": args.flip_order, "zero_head": args.zero_head, "tied_head_lr_mult": args.tied_head_lr_mult,
+            "axial_channels": args.axial_channels, "axial_strides": args.axial_strides, "train_seed": args.seed, "val_seed": args.val_seed, "val_n": args.val_n,
             "val_positives": {c: int(labels[:, k].sum()) for k, c in enumerate(CLASS_NAMES)},
             "auroc": aucs}
 
@@ -260,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flip-order", default=",".join(map(str, FLIP_ORDER)),
                    help="after the nodule phase, pair i flips class flip_order[i %% len] "
                         f"(indices into {', '.join(CLASS_NAMES)})")
+    p.add_argument("--tied-head-lr-mult", type=float, default=0.0,
+                   help="axialnet: train the per-slice FC weight as a position-shared part (this learning-"
+                        "rate multiplier) plus a per-position part (--head-lr-mult); see TiedPlusFree; 0 = off")
+    p.add_argument("--axial-channels", default="", help="axialnet variant: channels, e.g. 16,32,32")
+    p.add_argument("--axial-strides", default="", help="axialnet variant: strides, e.g. 2,2,2")
+    p.add_argument("--zero-head", action="store_true",
+                   help="axialnet: start the per-slice FC weights at zero (not at random)")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=1000, help="training base seed (model init + data)")
     p.add_argument("--val-seed", type=int, default=2000, help="held-out base seed")

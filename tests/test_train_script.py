@@ -81,7 +81,61 @@ def test_two_step_run_writes_weights_and_records_options(train, tmp_path) -> Non
 def test_bad_options_are_refused_before_training(train, tmp_path) -> None:
     with pytest.raises(SystemExit, match="--flip-order needs class indices"):
         train.main(["--models", "gap", "--steps", "1", "--flip-order", "0,5", "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="applies to the gap model only"):
+    with pytest.raises(SystemExit, match="apply to the gap and axialnet models only"):
         train.main(["--models", "flatten", "--steps", "1", "--outside-evidence-weight", "1",
                     "--out-dir", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_axial_cell_evidence_is_the_per_slice_fc_term_by_hand(train) -> None:
+    from medcam3d.models.axialnet import AxialNet
+
+    model = AxialNet(slice_shape=(8, 8), classes=2, channels=(3,), strides=(4,)).eval()
+    x = torch.rand(2, 1, 8, 8, 5)
+    feats = {}
+    h = model.features.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    with torch.no_grad():
+        scores = model.slice_scores(x)  # (B, K, Z)
+    h.remove()
+    ev = train.axial_cell_evidence(feats["a"], model.slice_fc)
+    assert ev.shape == (2, 2, 2, 2, 5)
+    # a slice's score is its cells' evidence summed over the slice plus the bias
+    torch.testing.assert_close(ev.sum(dim=(2, 3)) + model.slice_fc.bias.view(1, -1, 1), scores)
+
+
+def test_two_step_axialnet_run(train, tmp_path) -> None:
+    assert train.main(["--models", "axialnet", "--steps", "2", "--val-n", "8", "--threads", "1",
+                       "--pair-rank-weight", "1", "--negative-evidence-weight", "0.5", "--head-lr-mult", "0.05",
+                       "--tied-head-lr-mult", "200", "--zero-head", "--out-dir", str(tmp_path)]) == 0
+    from medcam3d.models import load_demo_model
+
+    # the training-time parametrisation (shared + per-position head) is folded away: a plain state_dict
+    model = load_demo_model("axialnet", tmp_path / "demo_axialnet_weights.pt")
+    w = model.slice_fc.weight
+    assert w.shape[2:4] == model.feature_shape and not hasattr(model.slice_fc, "parametrizations")
+    report = json.loads((tmp_path / "demo_training_axialnet.json").read_text())
+    assert report["kind"] == "axialnet" and report["head_lr_mult"] == 0.05 and report["tied_head_lr_mult"] == 200
+    assert report["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tied_plus_free_head_is_the_sum_and_folds_exactly(train) -> None:
+    from torch.nn.utils import parametrize
+
+    from medcam3d.models.axialnet import AxialNet
+
+    model = AxialNet(slice_shape=(8, 8), classes=2, channels=(3,), strides=(4,)).eval()
+    free = model.slice_fc.weight.detach().clone()
+    parametrize.register_parametrization(model.slice_fc, "weight", train.TiedPlusFree(2, 3, 4))
+    with torch.no_grad():
+        model.slice_fc.parametrizations.weight[0].tied.copy_(torch.tensor([[4.0, 0.0, -8.0], [0.0, 2.0, 0.0]]))
+    expected = free.clone()
+    expected[0, 0] += 1.0  # 4 / (2 x 2 cells)
+    expected[0, 2] -= 2.0
+    expected[1, 1] += 0.5
+    torch.testing.assert_close(model.slice_fc.weight, expected)
+    x = torch.rand(1, 1, 8, 8, 2)
+    before = model(x)
+    train.fold_tied_head(model)
+    assert not parametrize.is_parametrized(model.slice_fc)
+    torch.testing.assert_close(model.slice_fc.weight, expected)
+    torch.testing.assert_close(model(x), before)

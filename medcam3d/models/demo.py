@@ -39,11 +39,12 @@ GAP_KWARGS: dict[str, Any] = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": len(CLASS_NAMES),
     "init_features": 16, "growth_rate": 8, "block_config": (4, 4),
 }
-#: AxialNet (medcam3d.models.axialnet): 2D CNN per axial slice (stride 4 -> 16 x 16 cells of 20 x 20 mm
-#: per 6 mm slice), per-slice FC as a Conv3d with a (16, 16, 1) kernel, mean over the 48 slices.
+#: AxialNet (medcam3d.models.axialnet): 2D CNN per axial slab of 3 adjacent slices (as channels, like the
+#: original's 3-slice "RGB" images; stride 16 -> 4 x 4 cells of 80 x 80 x 18 mm), per-slice FC as a
+#: Conv3d with a (4, 4, 1) kernel, mean over the 16 slabs.
 AXIAL_KWARGS: dict[str, Any] = {
     "slice_shape": INPUT_SHAPE[:2], "classes": len(CLASS_NAMES),
-    "channels": (8, 16, 32), "strides": (2, 2, 1),
+    "channels": (16, 32, 32, 32), "strides": (2, 2, 2, 2), "slab": 3,
 }
 FLATTEN_KWARGS: dict[str, Any] = {
     "in_shape": (1, *INPUT_SHAPE), "classes": len(CLASS_NAMES),

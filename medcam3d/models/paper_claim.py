@@ -201,20 +201,21 @@ def finite(v: float) -> bool:
 
 
 # ----------------------------------------------------------------------------------- planted decoy
-#: Seed of the planted demonstration's case (a held-out-style case with only a nodule).
-DECOY_SEED = 3101
+#: Seed of the planted demonstration's case (a case with only an effusion, the class the AxialNet demo detects).
+DECOY_SEED = 3106
 
 
 @dataclass
 class PlantedDecoy:
-    """A synthetic case with a nodule, and the same case with a copy of that nodule planted elsewhere.
+    """A synthetic case with one lesion, and the same case with a copy of that lesion planted elsewhere.
 
     Attributes:
         hu: float32 (x, y, z) HU volume WITH the decoy; ``hu_plain`` the same case without it, and
-            ``hu_no_nodule`` the same case with neither (the generator's nodule switched off).
+            ``hu_no_nodule`` the same case with neither (the generator's lesion switched off).
         x, x_plain, x_no_nodule: the three as model inputs (1, 1, x, y, z), windowed to [0, 1].
-        lesion, decoy: bool (x, y, z) masks of the real nodule and of its planted copy.
-        shift: voxels (dx, dy, dz) from the nodule to the decoy.
+        lesion, decoy: bool (x, y, z) masks of the real lesion and of its planted copy.
+        shift: voxels (dx, dy, dz) from the lesion to the decoy.
+        class_name: the lesion's class (the class explained).
     """
 
     hu: np.ndarray
@@ -226,6 +227,7 @@ class PlantedDecoy:
     lesion: np.ndarray
     decoy: np.ndarray
     shift: tuple[int, int, int]
+    class_name: str = "effusion"
 
 
 def _window(hu: np.ndarray) -> torch.Tensor:
@@ -233,31 +235,31 @@ def _window(hu: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.clip((hu - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0))[None, None]
 
 
-def plant_decoy(seed: int = DECOY_SEED, shift: tuple[int, int, int] | None = None) -> PlantedDecoy:
-    """Copy a case's nodule voxels (intensities and noise) into the air in front of the chest.
+def plant_decoy(seed: int = DECOY_SEED, cls: str = "effusion", shift: tuple[int, int, int] | None = None
+                ) -> PlantedDecoy:
+    """Copy a case's ``cls`` lesion voxels (intensities and noise) into the air in front of the chest.
 
-    The copy looks exactly like the nodule to the slice CNN (same voxels), but it sits at in-plane
-    positions where no nodule ever appeared in training (outside the body), so whether the model counts
-    it is up to the per-slice FC weights there. ``shift`` default: straight anterior (+y), so the copy
-    lies in the same axial slices, centred between the body's front and the edge of the field of view.
+    The case has only that abnormality. The copy looks exactly like the lesion to the slice CNN (same
+    voxels), but it sits at in-plane positions where no such lesion ever appeared in training (outside
+    the body), so whether the model counts it is up to the per-slice FC weights there. ``shift``
+    default: straight anterior (+y), just clear of the body, in the same axial slices.
     Raises InputError when the shifted copy would leave the volume or touch the body.
     """
     from medcam3d.synthetic import make_chest_ct
 
-    only = {"nodule": True, "effusion": False, "consolidation": False}
+    only = {c: c == cls for c in CLASS_NAMES}
     case = make_chest_ct(seed, present=only)
-    plain = make_chest_ct(seed, present={**only, "nodule": False})
-    lesion = case.masks["nodule"].astype(bool)
+    plain = make_chest_ct(seed, present={**only, cls: False})
+    lesion = case.masks[cls].astype(bool)
     body = case.anatomy["body"]
     idx = np.argwhere(lesion)
     if shift is None:
-        i0, k0 = (int(v) for v in np.round(idx[:, [0, 2]].mean(axis=0)))
-        front = int(np.flatnonzero(body[i0, :, k0]).max())
-        target_j = (front + 1 + lesion.shape[1]) // 2
-        shift = (0, target_j - int(round(idx[:, 1].mean())), 0)
+        cols = body[np.unique(idx[:, 0])][:, :, np.unique(idx[:, 2])]
+        front = int(np.flatnonzero(cols.any(axis=(0, 2))).max())
+        shift = (0, front + 2 - int(idx[:, 1].min()), 0)
     new = idx + np.array(shift)
     if (new < 0).any() or (new >= np.array(lesion.shape)).any():
-        raise InputError(f"decoy shift {shift} moves the nodule out of the volume {lesion.shape}")
+        raise InputError(f"decoy shift {shift} moves the {cls} out of the volume {lesion.shape}")
     decoy = np.zeros_like(lesion)
     decoy[tuple(new.T)] = True
     if (decoy & body).any():
@@ -265,22 +267,21 @@ def plant_decoy(seed: int = DECOY_SEED, shift: tuple[int, int, int] | None = Non
     hu = case.volume.copy()
     hu[tuple(new.T)] = case.volume[tuple(idx.T)]
     return PlantedDecoy(hu, case.volume, plain.volume, _window(hu), _window(case.volume), _window(plain.volume),
-                        lesion, decoy, tuple(int(s) for s in shift))  # type: ignore[arg-type]
+                        lesion, decoy, tuple(int(s) for s in shift), cls)  # type: ignore[arg-type]
 
 
-def _near(mask: np.ndarray, vox: tuple[int, int, int] = (2, 2, 1)) -> np.ndarray:
-    """``mask`` dilated by ``vox`` voxels per axis (a box), bool."""
+def _cells(mask: np.ndarray, grid: tuple[int, ...]) -> torch.Tensor:
+    """bool (grid) tensor: the feature cells (an exact tiling of the input by ``grid``) holding mask voxels."""
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    k = tuple(2 * v + 1 for v in vox)
-    return torch.nn.functional.max_pool3d(t, k, stride=1, padding=vox)[0, 0].numpy() > 0
+    return torch.nn.functional.adaptive_max_pool3d(t, grid)[0, 0] > 0
 
 
 @dataclass
 class DecoyReport:
     """What the model does with the decoy (by intervention) and what each map shows there.
 
-    logit_*: class score of the nodule output for the case with decoy, without decoy, and with neither
-    nodule nor decoy. ``map_share``: per method, (share of the map's positive mass within 10 mm of the
+    logit_*: score of the lesion's class for the case with decoy, without decoy, and with neither
+    lesion nor decoy. ``map_share``: per method, (share of the map's positive mass within 10 mm of the
     real nodule, same near the decoy). ``decoy_contribution``: the exact summed contribution of the
     feature cells the decoy activates (HiResCAM's signed raw map there) and Grad-CAM's raw sum there.
     """
@@ -297,25 +298,28 @@ class DecoyReport:
         return self.logit_with_decoy - self.logit_plain
 
     @property
-    def nodule_effect(self) -> float:
-        """logit(nodule, no decoy) - logit(neither): what the real nodule adds."""
+    def lesion_effect(self) -> float:
+        """logit(lesion, no decoy) - logit(neither): what the real lesion adds."""
         return self.logit_plain - self.logit_no_nodule
 
 
 def decoy_report(model: nn.Module, layer: str, planted: PlantedDecoy) -> tuple[DecoyReport, dict]:
-    """Explain the nodule class on the decoy case with both methods; return the report and the two
+    """Explain the lesion's class on the decoy case with both methods; return the report and the two
     :class:`~medcam3d.engine.CAMResult` objects ({"hirescam": ..., "gradcam": ...})."""
-    k = CLASS_NAMES.index("nodule")
+    k = CLASS_NAMES.index(planted.class_name)
     with torch.no_grad():
         logits = model(torch.cat([planted.x, planted.x_plain, planted.x_no_nodule]))[:, k]
     res = {"hirescam": HiResCAM(model, layer)(planted.x, class_idx=k),
            "gradcam": GradCAM(model, layer)(planted.x, class_idx=k)}
-    near_lesion, near_decoy = _near(planted.lesion), _near(planted.decoy)
+    grid = tuple(res["hirescam"].raw.shape[2:])
+    cell_lesion, cell_decoy = _cells(planted.lesion, grid), _cells(planted.decoy, grid)
+    if (cell_lesion & cell_decoy).any():
+        raise InputError("the decoy shares a feature cell with the nodule; choose a larger shift")
     shares = {}
     for m, r in res.items():
-        pos = r.maps[0, 0].numpy().astype(np.float64)
-        tot = pos.sum()
-        shares[m] = (float(pos[near_lesion].sum() / tot), float(pos[near_decoy].sum() / tot)) if tot > 0 \
+        pos = r.raw[0, 0].clamp_min(0).double()
+        tot = float(pos.sum())
+        shares[m] = (float(pos[cell_lesion].sum()) / tot, float(pos[cell_decoy].sum()) / tot) if tot > 0 \
             else (float("nan"), float("nan"))
     # feature cells whose activation the decoy changed (its footprint at the target layer)
     feats = {}
@@ -348,7 +352,7 @@ def draw_decoy_figure(model: nn.Module | None = None, planted: PlantedDecoy | No
     model = load_demo_model("axialnet") if model is None else model
     planted = plant_decoy() if planted is None else planted
     report, res = decoy_report(model, TARGET_LAYERS["axialnet"], planted)
-    z = int(round(np.argwhere(planted.lesion)[:, 2].mean()))
+    z = int(np.argmax(planted.decoy.sum(axis=(0, 1))))  # the slice with most of the copy
     ct = planted.hu[:, :, z].T
     fig, ax = plt.subplots(1, 4, figsize=(17, 4.9))
     show = dict(cmap="gray", vmin=-1350, vmax=150, origin="lower")
@@ -359,7 +363,7 @@ def draw_decoy_figure(model: nn.Module | None = None, planted: PlantedDecoy | No
 
     ax[0].imshow(ct, **show)
     outline(ax[0])
-    ax[0].set_title(f"CT, axial slice z = {z}\nnodule (green) and its planted copy (cyan)", fontsize=10)
+    ax[0].set_title(f"CT, axial slice z = {z}\n{planted.class_name} (green), its planted copy (cyan)", fontsize=10)
     for a, m, title in ((ax[1], "hirescam", "HiResCAM"), (ax[2], "gradcam", "Grad-CAM")):
         a.imshow(ct, **show)
         hm = res[m].maps[0, 0, :, :, z].numpy().T
@@ -367,9 +371,10 @@ def draw_decoy_figure(model: nn.Module | None = None, planted: PlantedDecoy | No
                  vmin=0, vmax=float(res[m].maps[0, 0].max()))
         outline(a)
         near_l, near_d = report.map_share[m]
-        a.set_title(f"{title}, class nodule\n{near_l:.0%} of the map's mass near the nodule, {near_d:.0%} near the copy",
+        a.set_title(f"{title} ({planted.class_name}): + mass in\nlesion's cells {near_l:.0%}, copy's cells {near_d:.0%}",
                     fontsize=10)
-    contrib = res["hirescam"].raw[0, 0, :, :, z].numpy().T
+    slab = planted.hu.shape[2] // res["hirescam"].raw.shape[-1]  # input slices per feature slice
+    contrib = res["hirescam"].raw[0, 0, :, :, z // slab].numpy().T
     lim = float(np.abs(contrib).max()) or 1.0
     im = ax[3].imshow(contrib, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower",
                       extent=(-0.5, planted.hu.shape[0] - 0.5, -0.5, planted.hu.shape[1] - 0.5))
@@ -380,9 +385,9 @@ def draw_decoy_figure(model: nn.Module | None = None, planted: PlantedDecoy | No
     for a in ax:
         a.set_xticks([])
         a.set_yticks([])
-    fig.suptitle(f"AxialNet demo model, nodule logit: {report.logit_with_decoy:.2f} with the copy, "
+    fig.suptitle(f"AxialNet demo model, {planted.class_name} logit: {report.logit_with_decoy:.2f} with the copy, "
                  f"{report.logit_plain:.2f} without it (the copy adds {report.decoy_effect:+.2f}); "
-                 f"{report.logit_no_nodule:.2f} without the nodule (the nodule adds {report.nodule_effect:+.2f})",
+                 f"{report.logit_no_nodule:.2f} without the lesion (the lesion adds {report.lesion_effect:+.2f})",
                  fontsize=11)
     fig.tight_layout()
     return fig, report
