@@ -126,7 +126,7 @@ def test_auroc_bad_input() -> None:
 
 
 def test_load_demo_model_bad_input(tmp_path) -> None:
-    with pytest.raises(InputError, match="kind must be one of gap, flatten; got 'densenet'"):
+    with pytest.raises(InputError, match="kind must be one of gap, flatten, axialnet; got 'densenet'"):
         load_demo_model("densenet")
     with pytest.raises(ConfigError, match="weights not found"):
         load_demo_model("gap", weights=tmp_path / "missing.pt")
