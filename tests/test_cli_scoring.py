@@ -123,7 +123,7 @@ def test_empty_map_is_flagged_with_the_bias_share(cohort, tmp_path, capsys):
     assert line.index("effusion") < line.index("nodule")  # most probable first
 
 
-@pytest.mark.parametrize("kind", ["missing", "shifted", "shape", "ct", "empty"])
+@pytest.mark.parametrize("kind", ["missing", "shifted", "shape", "ct"])
 def test_bad_mask_fails_the_case_and_writes_nothing(cohort, tmp_path, kind):
     cfg, a, *_ = cohort
     box = (slice(2, 5), slice(2, 5), slice(2, 4))
@@ -136,8 +136,6 @@ def test_bad_mask_fails_the_case_and_writes_nothing(cohort, tmp_path, kind):
         write_mask(m, (20, 18, 11), box)
     elif kind == "ct":
         write_scan(m)
-    elif kind == "empty":
-        write_mask(m, SHAPE, (slice(0, 0),) * 3)
     table = tmp_path / "cases.csv"
     table.write_text(f"path,mask\n{a},{m}\n")
     out = tmp_path / "out"
@@ -145,7 +143,7 @@ def test_bad_mask_fails_the_case_and_writes_nothing(cohort, tmp_path, kind):
     (row,) = _rows(out)
     assert row["status"] == "failed"
     want = {"missing": "does not exist", "shifted": "another affine", "shape": "has shape",
-            "ct": "is not a label image", "empty": "marks no voxel"}[kind]
+            "ct": "is not a label image"}[kind]
     assert want in row["error"] and "mask" in row["error"]
     assert not (out / "a").exists()
 
@@ -247,3 +245,16 @@ def test_explain_volume_takes_class_names_as_class_idx(tmp_path):
     assert mixed.class_names == ["effusion", "nodule"]
     with pytest.raises(medcam3d.ClassIndexError, match="'pneumothorax' is not a class name.*nodule, effusion"):
         medcam3d.explain_volume(net, scan_vol, target_layer="features", class_idx="pneumothorax", class_names=names)
+
+
+def test_empty_mask_is_a_case_without_the_lesion_scores_undefined(cohort, tmp_path):
+    cfg, a, *_ = cohort
+    m = write_mask(tmp_path / "m" / "none.nii.gz", SHAPE, (slice(0, 0),) * 3)
+    table = tmp_path / "cases.csv"
+    table.write_text(f"path,mask\n{a},{m}\n")
+    out = tmp_path / "out"
+    assert _run(cfg, table, out, "--quiet") == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok"
+    assert all(row[k] == [None, None] for k in ("pointing", "mass_in_mask", "inside_fraction", "peak_distance_mm"))
+    assert not (out / "summary.csv").exists()  # nothing was scored

@@ -61,7 +61,8 @@ def load_mask(path: Path, volume: Any) -> np.ndarray:
 
     Raises:
         InputError: the file is missing or unreadable, its grid (shape or affine) is not the scan's,
-            or it marks no voxel. The case then fails; nothing is explained.
+            The case then fails; nothing is explained. A mask that marks no voxel is valid (a case
+            without the lesion): its scores are left undefined (None), not invented.
     """
     from medcam3d.io import load_volume
 
@@ -85,10 +86,7 @@ def load_mask(path: Path, volume: Any) -> np.ndarray:
     if gap > GRID_ATOL_MM:
         raise InputError(f"mask {str(path)!r} has the scan's shape but another affine (differs by up to "
                          f"{gap:.3g} mm); it would score the wrong voxels. Save it on the scan's grid")
-    out = m > 0
-    if not out.any():
-        raise InputError(f"mask {str(path)!r} marks no voxel; give a mask with the lesion labelled > 0")
-    return out
+    return m > 0
 
 
 def _peak_mm(m: np.ndarray, affine: np.ndarray) -> list[float] | None:
@@ -114,6 +112,8 @@ def class_extras(m: Any, affine: Any, mask: np.ndarray | None) -> dict[str, Any]
     out: dict[str, Any] = {"peak_mm": _peak_mm(m, affine), "positive": not empty}
     if mask is None:
         return out
+    if not mask.any():  # no lesion in this case: no localisation score is defined
+        return {**out, **{k: None for k in SCORES}}
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     out["pointing"] = None if empty else pointing_game(m, mask, spacing, POINTING_TOLERANCE_MM)
     out["mass_in_mask"] = _num(mass_in_mask(m, mask))
