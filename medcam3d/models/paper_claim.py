@@ -13,7 +13,6 @@ positive mass that lies on locations whose contribution is zero or negative
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -193,11 +192,6 @@ def randomisation_table(model: nn.Module, random_model: nn.Module, layer: str, n
                 vals[method]["maps"].append(spearman(a.maps[0, j], b.maps[0, j]))
                 vals[method]["raw"].append(spearman(a.raw[0, j], b.raw[0, j]))
     return {m: {kind: bootstrap_ci(np.array(v)) for kind, v in d.items()} for m, d in vals.items()}
-
-
-def finite(v: float) -> bool:
-    """True for a finite float (helper for report formatting)."""
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------------- planted decoy
