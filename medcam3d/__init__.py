@@ -14,6 +14,7 @@ from medcam3d.errors import (
     ClassIndexError,
     ConfigError,
     ExportError,
+    FeatureGeometryError,
     InputError,
     Medcam3dError,
     OutputExistsError,
@@ -30,6 +31,7 @@ _LAZY = {
     "ClassSpec": "medcam3d.engine",
     "Completeness": "medcam3d.engine",
     "EigenCAM": "medcam3d.engine",
+    "FeatureGeometry": "medcam3d.engine",
     "GradCAM": "medcam3d.engine",
     "GradCAMElementWise": "medcam3d.engine",
     "GradCAMPlusPlus": "medcam3d.engine",
@@ -69,6 +71,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ClassIndexError",
     "ConfigError",
+    "FeatureGeometryError",
     "ExportError",
     "InputError",
     "Medcam3dError",

@@ -46,3 +46,9 @@ class OutputExistsError(ExportError):
     def __init__(self, message: str, paths: Sequence[str | os.PathLike[str]] = ()) -> None:
         super().__init__(message)
         self.paths = [Path(p) for p in paths]
+
+
+class FeatureGeometryError(TargetLayerError):
+    """Where the target layer's cells sit in the input could not be measured unambiguously (feature
+    axes not aligned with input axes, centres not linear in the cell index, a layer the geometry probe
+    cannot make symmetric). Declare it with ``feature_geometry=``; see medcam3d.engine.geometry."""

@@ -16,6 +16,7 @@ from medcam3d.engine.cam import (
     method_name,
 )
 from medcam3d.engine.completeness import RTOL_BY_DTYPE, Completeness, completeness_gap
+from medcam3d.engine.geometry import FeatureGeometry, measure_geometry, place_maps
 from medcam3d.engine.result import CAMResult, upsample_maps
 from medcam3d.engine.scores import ClassLogits, OutputKey, RegionScore, ScoreSpec, Similarity
 from medcam3d.engine.selection import ClassSpec
@@ -30,6 +31,7 @@ __all__ = [
     "ClassSpec",
     "Completeness",
     "EigenCAM",
+    "FeatureGeometry",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
@@ -46,6 +48,8 @@ __all__ = [
     "completeness_gap",
     "make_cam",
     "method_name",
+    "measure_geometry",
+    "place_maps",
     "resolve_target",
     "unwrap_compiled",
     "upsample_maps",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from medcam3d.engine.geometry import FeatureGeometry, geometry_for
 from medcam3d.engine.guard import frozen_eval
 from medcam3d.engine.result import CAMResult
 from medcam3d.engine.scores import ScoreSpec
@@ -41,6 +42,10 @@ class BaseCAM(ABC):
         max_classes_per_backward: cap on how many classes share one batched backward. None
             (default) does all K at once; a small number bounds the memory of the gradient batch
             (K x activation size) for very many classes at a large early layer.
+        feature_geometry: where the target layer's cells sit in the input. None (default): measured
+            once per model, layer and input shape by a probe (:mod:`medcam3d.engine.geometry`),
+            which refuses (``FeatureGeometryError``, raised by ``CAMResult.maps``) when it cannot
+            tell; a :class:`FeatureGeometry` declares it and skips the probe.
 
     Raises:
         InputError: ``model`` is not an nn.Module, or ``max_classes_per_backward`` < 1.
@@ -62,11 +67,18 @@ class BaseCAM(ABC):
         target_layer: str | nn.Module | None = None,
         *,
         max_classes_per_backward: int | None = None,
+        feature_geometry: FeatureGeometry | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
         if max_classes_per_backward is not None and max_classes_per_backward < 1:
             raise InputError("max_classes_per_backward must be a positive integer or None.")
+        if feature_geometry is not None and not isinstance(feature_geometry, FeatureGeometry):
+            raise InputError(
+                "feature_geometry must be a medcam3d.FeatureGeometry or None, not "
+                f"{type(feature_geometry).__name__}."
+            )
+        self.feature_geometry = feature_geometry
         self.model = model
         self.module = unwrap_compiled(model)
         self.max_classes_per_backward = max_classes_per_backward
@@ -92,6 +104,28 @@ class BaseCAM(ABC):
             with frozen_eval(self.module):
                 self._probed[rank] = resolve_target(self.module, None, x, forward_args, forward_kwargs)
         return self._probed[rank]
+
+    def geometry_for(
+        self,
+        x: torch.Tensor,
+        target: Target | None,
+        feature_shape: tuple[int, ...],
+        forward_args: Sequence[Any] = (),
+        forward_kwargs: Mapping[str, Any] | None = None,
+    ) -> FeatureGeometry:
+        """Where the cells of ``target`` sit in ``x``: declared, identity at the input, or measured
+        (cached per model, layer and input shape; raises ``FeatureGeometryError``)."""
+        if self.at_input or target is None:
+            return FeatureGeometry.identity(len(feature_shape))
+        if self.feature_geometry is not None:
+            if self.feature_geometry.rank != len(feature_shape):
+                raise InputError(
+                    f"feature_geometry has {self.feature_geometry.rank} axes but {target.label!r} emits "
+                    f"{len(feature_shape)} spatial dims."
+                )
+            return self.feature_geometry
+        with torch.inference_mode(False):
+            return geometry_for(self.module, target, x, feature_shape, forward_args, forward_kwargs)
 
     @abstractmethod
     def combine(self, grads: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
@@ -364,7 +398,7 @@ class MultiCAM:
     """Several methods on one model and target layer, all from ONE forward and ONE batched backward.
 
     Args:
-        model, target_layer, max_classes_per_backward: as for :class:`BaseCAM`.
+        model, target_layer, max_classes_per_backward, feature_geometry: as for :class:`BaseCAM`.
         methods: method names (see :data:`METHODS`); duplicates are refused.
 
     Calling it takes the same arguments as :meth:`BaseCAM.__call__` and returns
@@ -379,6 +413,7 @@ class MultiCAM:
         target_layer: str | nn.Module | None = None,
         *,
         max_classes_per_backward: int | None = None,
+        feature_geometry: FeatureGeometry | None = None,
     ) -> None:
         if isinstance(methods, str):
             methods = [methods]
@@ -388,7 +423,8 @@ class MultiCAM:
         if len(set(names)) != len(names):
             raise InputError(f"methods lists a method twice: {list(methods)}.")
         self.cams: list[BaseCAM] = [
-            make_cam(name, model, target_layer, max_classes_per_backward=max_classes_per_backward)
+            make_cam(name, model, target_layer, max_classes_per_backward=max_classes_per_backward,
+                     feature_geometry=feature_geometry)
             for name in names
         ]
         for cam in self.cams[1:]:

@@ -26,7 +26,7 @@ from medcam3d.engine.guard import frozen_eval
 from medcam3d.engine.result import CAMResult
 from medcam3d.engine.scores import ScoreSpec, resolve_score, scores_of
 from medcam3d.engine.selection import ClassSpec, check_input, select_classes
-from medcam3d.errors import InputError, TargetLayerError
+from medcam3d.errors import FeatureGeometryError, InputError, TargetLayerError
 
 if TYPE_CHECKING:
     from medcam3d.engine.cam import BaseCAM
@@ -115,6 +115,11 @@ def run_pass(
     logits = selected.detach().float()
     results = []
     for cam, r in zip(cams, raw):
+        try:  # where the cells sit (cached); on failure raw and logits stay usable, maps refuse
+            geometry = cam.geometry_for(x, target, tuple(r.shape[2:]), forward_args, kwargs)
+            refused = None
+        except FeatureGeometryError as e:
+            geometry, refused = None, str(e)
         results.append(
             CAMResult(
                 raw=r,
@@ -126,6 +131,8 @@ def run_pass(
                 input_size=tuple(x.shape[2:]),
                 batched_backward=batched,
                 activation_dtype=x.dtype if cam.at_input or activation is None else activation.dtype,
+                geometry=geometry,
+                _geometry_error=refused,
             )
         )
     return results

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from medcam3d.engine.geometry import FeatureGeometry, place_maps
+from medcam3d.errors import FeatureGeometryError
+
 _INTERP_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
@@ -46,6 +49,11 @@ class CAMResult:
             False when an operation in the head forced the per-class fallback loop.
         activation_dtype: dtype the explained activation was computed in (bfloat16/float16 under
             autocast or for a half-precision model); it sets the tolerance of completeness checks.
+        geometry: where each feature cell sits in the input (:class:`FeatureGeometry`: input axis,
+            stride and offset per feature axis; ``geometry.affine`` is the (rank+1)^2 feature-index ->
+            input-index matrix), measured by the explainer's probe or declared with
+            ``feature_geometry=``. None (results built by hand) falls back to the
+            ``interpolate(align_corners=False)`` placement of :func:`upsample_maps`.
     """
 
     raw: torch.Tensor
@@ -57,17 +65,32 @@ class CAMResult:
     input_size: tuple[int, ...]
     batched_backward: bool = True
     activation_dtype: torch.dtype | None = None
+    geometry: FeatureGeometry | None = None
     _maps: torch.Tensor | None = field(default=None, repr=False)
+    _geometry_error: str | None = field(default=None, repr=False)
 
     @property
     def maps(self) -> torch.Tensor:
-        """(B, K, *input_spatial) float32: ReLU(raw) interpolated to the input size. Not normalised.
+        """(B, K, *input_spatial) float32: ReLU(raw) placed on the input grid. Not normalised.
+
+        Each input voxel v reads ReLU(raw) at its feature coordinate u = (v - offset) / stride
+        (``geometry``; axes permuted back when a feature axis follows another input axis), linearly
+        interpolated between cell centres, the edge cell's value beyond them.
 
         Computed on first access (on raw's device) and cached, so a caller that only needs ``raw``
         or ``logits`` never pays for K full-resolution volumes.
+
+        Raises:
+            FeatureGeometryError: the explainer could not tell where the cells sit in the input
+                (the message says what it found and how to declare ``feature_geometry=``).
         """
+        if self._geometry_error is not None:
+            raise FeatureGeometryError(self._geometry_error)
         if self._maps is None:
-            self._maps = upsample_maps(self.raw, self.input_size)
+            if self.geometry is None:
+                self._maps = upsample_maps(self.raw, self.input_size)
+            else:
+                self._maps = place_maps(self.raw, self.geometry, self.input_size)
         return self._maps
 
     @property
@@ -86,5 +109,7 @@ class CAMResult:
             input_size=self.input_size,
             batched_backward=self.batched_backward,
             activation_dtype=self.activation_dtype,
+            geometry=self.geometry,
             _maps=None if self._maps is None else self._maps.to(device),
+            _geometry_error=self._geometry_error,
         )

@@ -10,7 +10,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
-from medcam3d.engine import ClassSpec, MultiCAM, ScoreSpec
+from medcam3d.engine import ClassSpec, FeatureGeometry, MultiCAM, ScoreSpec
 from medcam3d.errors import ClassIndexError, InputError
 from medcam3d.explanation import ACTIVATIONS, Explanation
 from medcam3d.spatial.coverage import outside_scan_fraction
@@ -140,6 +140,7 @@ def explain_volume(
     score: ScoreSpec = None,
     forward_args: Sequence[Any] = (),
     forward_kwargs: Mapping[str, Any] | None = None,
+    feature_geometry: FeatureGeometry | None = None,
 ) -> Explanation | dict[str, Explanation]:
     """Explain ``model`` on one scan; the maps come back on the scan's own grid and affine.
 
@@ -166,6 +167,9 @@ def explain_volume(
             any callable output -> (1, N)); None: the model's (1, N) logits.
         forward_args / forward_kwargs: extra model inputs (``model(x, *forward_args,
             **forward_kwargs)``), batched like x (a batch of 1); tensors are moved to ``device``.
+        feature_geometry: where the target layer's cells sit in the model input; None measures it
+            (see :class:`medcam3d.FeatureGeometry`). The model-grid maps are placed with it before
+            the inverse.
 
     Returns:
         :class:`Explanation` (or a dict of them with ``methods``); ``extra`` holds ``model_maps``
@@ -175,6 +179,7 @@ def explain_volume(
 
     Raises:
         InputError / ClassIndexError / TargetLayerError: bad volume, names, method, classes, layer.
+        FeatureGeometryError (a TargetLayerError): where the layer's cells sit could not be measured.
         ConfigError: the preprocessing is invalid or fails on this volume.
         VolumeLoadError: ``volume`` is a path that cannot be read.
     """
@@ -187,7 +192,8 @@ def explain_volume(
         raise InputError(f"give method= (one Explanation) or methods= (a dict of them), not both; got "
                          f"method={method!r} and methods={list(methods)!r}.")
     class_idx = class_indices_by_name(class_idx, class_names)
-    multi = MultiCAM(model, [method] if methods is None else methods, target_layer)
+    multi = MultiCAM(model, [method] if methods is None else methods, target_layer,
+                     feature_geometry=feature_geometry)
     vol = as_volume(volume)
     compose = build_preprocessing(preprocess)
     x = model_input(vol, compose)
