@@ -553,9 +553,10 @@ def measure_geometry(
     """Measure the feature->input geometry of ``target`` for inputs shaped like ``x`` (see module doc).
 
     The probe runs at x's own size first. When a layer's input size there is not divisible by its
-    stride, the probe's periodic input has a seam and the fit fails; the probe then runs at two larger
-    sizes (x's size rounded up to a multiple of a power of two L >= the input/feature ratio, and that
-    plus L), and the geometry is accepted only if both agree (the geometry does not depend on the input
+    stride, the probe's periodic input has a seam and the fit fails; when a receptive field covers the
+    whole (small) input evenly, it has no phase. The probe then runs at two larger sizes (x's size, or
+    twice it if that changes nothing, rounded up to a multiple of a power of two L >= the
+    input/feature ratio, and that plus L), and the geometry is accepted only if both agree (the geometry does not depend on the input
     size) and places x's feature map inside x (cell centres within one stride of the input's extent).
 
     Args:
@@ -605,9 +606,10 @@ def measure_geometry(
                 return geom
             ratio = max(n / f for n, f in zip(sorted(spatial), sorted(feat)))
             step = 2 ** math.ceil(math.log2(max(ratio, 1.0)))
-            sizes = [tuple(-(-n // step) * step + extra for n in spatial) for extra in (0, step)]
-            if sizes[0] == spatial:
-                raise FeatureGeometryError(why)
+            larger = tuple(-(-n // step) * step for n in spatial)
+            if larger == spatial:  # divisible already: the field wraps around the whole probe input
+                larger = tuple(-(-2 * n // step) * step for n in spatial)
+            sizes = [larger, tuple(n + step for n in larger)]
             found = [_measure_at(probe, target, channels, size, dtype, x.device)[0] for size in sizes]
         except FeatureGeometryError:
             raise
