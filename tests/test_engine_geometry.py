@@ -312,3 +312,20 @@ def test_world_mm_planted_sphere_through_explain_volume_on_a_monai_resnet(tmp_pa
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
     com = affine[:3, :3] @ (ijk.T @ m.reshape(-1) / m.sum()) + affine[:3, 3]
     assert np.linalg.norm(com - sphere) <= 2 * 2.0, (com, sphere)  # within two 2 mm model voxels
+
+
+@pytest.mark.parametrize("k,s,p,op", [(2, 2, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0)])
+def test_probe_transposed_convolution_is_the_periodic_one(k, s, p, op):
+    # oracle: torch's own conv_transpose3d on the input tiled 3x, middle period (shifted by the padding)
+    from medcam3d.engine.geometry import _probe_copy
+
+    probe, _ = _probe_copy(nn.Sequential(nn.ConvTranspose3d(1, 2, k, s, p, op)), torch.float64)
+    x = torch.rand(1, 1, 6, 5, 4, dtype=torch.float64)
+    w = torch.full((1, 1, k, k, k), 1.0 / k**3, dtype=torch.float64)
+    full = F.conv_transpose3d(x.repeat(1, 1, 3, 3, 3), w, None, s, 0)
+    n = [d * s for d in x.shape[2:]]
+    ref = full[(0, 0, *[slice(m + p, 2 * m + p) for m in n])]
+    out = probe(x)
+    assert out.shape == (1, 2, *n)
+    torch.testing.assert_close(out[0, 0], ref)
+    torch.testing.assert_close(out[0, 1], ref)

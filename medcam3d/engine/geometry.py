@@ -259,6 +259,41 @@ def _uniform_conv(module: nn.Module, dtype: torch.dtype):
     return forward
 
 
+def _uniform_conv_transpose(module: nn.Module, dtype: torch.dtype):
+    """Forward of a transposed convolution with uniform weights, zero bias and circular wrap.
+
+    Computed per group like :func:`_uniform_conv`: the full (unpadded) transposed convolution of the
+    group mean with a box kernel, whose rows beyond the output are added back modulo the output size
+    (the periodic counterpart of cropping ``padding`` at both ends).
+    """
+    n = module.weight.ndim - 2
+    groups, out_ch = int(module.groups), int(module.out_channels)
+    kernel = tuple(int(k) for k in module.kernel_size)
+    stride, dilation, padding = tuple(module.stride), tuple(module.dilation), tuple(module.padding)
+    weight = torch.full((groups, 1, *kernel), 1.0 / math.prod(kernel), dtype=dtype, device=module.weight.device)
+    tconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    if isinstance(module.padding, str):
+        raise FeatureGeometryError("a transposed convolution with string padding is not supported by the probe.")
+
+    def forward(x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        b, c = x.shape[:2]
+        mean = x.reshape(b, groups, c // groups, *x.shape[2:]).mean(dim=2)
+        size = module._output_padding(x, output_size, stride, padding, kernel, n, dilation)
+        out_shape = [
+            (x.shape[2 + a] - 1) * stride[a] - 2 * padding[a] + dilation[a] * (kernel[a] - 1) + size[a] + 1
+            for a in range(n)
+        ]
+        y = tconv(mean, weight, None, stride, 0, 0, groups, dilation)
+        for a in range(n):
+            index = (torch.arange(y.shape[2 + a], device=y.device) - padding[a]) % out_shape[a]
+            shape = list(y.shape)
+            shape[2 + a] = out_shape[a]
+            y = torch.zeros(shape, dtype=y.dtype, device=y.device).index_add_(2 + a, index, y)
+        return y.repeat_interleave(out_ch // groups, dim=1)
+
+    return forward
+
+
 def _uniform(value: float, like: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.full((), value, dtype=dtype, device=like.device).expand(like.shape), requires_grad=False)
 
@@ -299,9 +334,9 @@ def _probe_copy(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, set[in
                 module._buffers[key] = buf.to(dtype)
         if isinstance(module, _NORMS):
             module.forward = lambda x, *a, **k: x  # type: ignore[method-assign]
-        elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
-            module, nn.modules.conv._ConvTransposeNd
-        ):
+        elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+            module.forward = _uniform_conv_transpose(module, dtype)  # type: ignore[method-assign]
+        elif isinstance(module, nn.modules.conv._ConvNd):
             module.forward = _uniform_conv(module, dtype)  # type: ignore[method-assign]
         elif isinstance(module, _POOLS):
             n = int(type(module).__name__[-2])
@@ -605,7 +640,8 @@ def measure_geometry(
             if geom is not None:
                 return geom
             ratio = max(n / f for n, f in zip(sorted(spatial), sorted(feat)))
-            step = 2 ** math.ceil(math.log2(max(ratio, 1.0)))
+            # a power of two >= the stride, and >= 32 so encoder-decoders keep matching skip sizes
+            step = max(2 ** math.ceil(math.log2(max(ratio, 1.0))), 32)
             larger = tuple(-(-n // step) * step for n in spatial)
             if larger == spatial:  # divisible already: the field wraps around the whole probe input
                 larger = tuple(-(-2 * n // step) * step for n in spatial)
