@@ -25,6 +25,7 @@ import torch
 
 from medcam3d import GradCAM, HiResCAM, completeness_gap
 from medcam3d.data import demo_scan_paths
+from medcam3d.engine import FeatureGeometry, place_maps
 from medcam3d.models import CLASS_NAMES, GAP_EARLY_LAYER, HU_WINDOW, TARGET_LAYERS, load_demo_model
 from medcam3d.models.evaluation import score_heldout, summarise
 from medcam3d.synthetic import make_dataset
@@ -187,9 +188,13 @@ def test_axialnet_maps_stay_on_their_slab(axial, axial_cases) -> None:
     res = HiResCAM(axial, AXIAL_LAYER)(x[:1], "all")
     slab = axial.slab
     assert res.raw.shape[-1] * slab == x.shape[-1] and res.maps.shape[2:] == x.shape[2:]
-    # oracle: slab s's own map, upsampled in-plane only (2D), is the map's centre slice 3s+1
+    # the measured geometry puts feature slab s on input slice 3s + 1 (its centre slice)
+    g = res.geometry
+    assert g.input_axis == (0, 1, 2) and g.stride[2] == pytest.approx(slab) and g.offset[2] == pytest.approx(slab // 2)
+    # oracle: slab s's own map, placed in-plane only (2D, with the in-plane geometry), is the map's
+    # centre slice 3s+1
     raw = res.raw[0].clamp_min(0).permute(3, 0, 1, 2)  # (Z, K, h, w)
-    in_plane = torch.nn.functional.interpolate(raw, size=tuple(x.shape[2:4]), mode="bilinear", align_corners=False)
+    in_plane = place_maps(raw, FeatureGeometry(g.input_axis[:2], g.stride[:2], g.offset[:2]), tuple(x.shape[2:4]))
     centre = res.maps[0, ..., slab // 2::slab].permute(3, 0, 1, 2)
     torch.testing.assert_close(centre, in_plane, rtol=1e-4, atol=1e-6)
     # and the slabs differ, so a shift along z would show
