@@ -133,3 +133,13 @@ class BoxNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(self.features(x)) * self.mask
         return self.head(a.mean(dim=(2, 3, 4)).reshape(x.shape[0], 1))
+
+
+class ClinicalNet(TinyNet):
+    """TinyNet whose logits also take a per-case clinical vector: ``forward(x, clinical)``, with
+    ``clinical`` (B, 2) added to the logits through a fixed linear map (logit_k += 2 * clinical[:, k])."""
+
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        if clinical is None:
+            raise TypeError("ClinicalNet.forward() needs the keyword input 'clinical'")
+        return super().forward(x) + 2.0 * clinical.to(x.dtype)

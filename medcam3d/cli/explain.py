@@ -169,7 +169,7 @@ def _explain_case(
         # Every method from one forward and one backward (RunConfig.explain_kwargs); the shared
         # preprocess + engine time is booked on the first method's row.
         explained = explain_volume(cfg.model, loaded.volume, device=device, amp=amp, stream=True,
-                                   **cfg.explain_kwargs())
+                                   **cfg.explain_kwargs(case_inputs=case.model_inputs()))
         shared = time.perf_counter() - t0
         for i, (method, expl) in enumerate(explained.items()):
             t0 = time.perf_counter()
@@ -348,9 +348,11 @@ def run_explain(opts: ExplainOptions) -> Summary:
     """
     from tqdm import tqdm
 
-    cfg = load_run_config(opts.config, allow_random_weights=opts.allow_random_weights)
     cases = collect_cases(opts.inputs, keep_identifiers=opts.keep_identifiers,
                           series_uid=opts.series_uid, allow_non_ct=opts.allow_non_ct)
+    # the probe forward gets the per-case model inputs (CSV input.<name> columns) of the first case
+    cfg = load_run_config(opts.config, allow_random_weights=opts.allow_random_weights,
+                          probe_inputs=cases[0].model_inputs() if cases else None)
     out_root = Path(os.path.abspath(opts.output))
     check_output_dir(out_root, cases, [*opts.inputs, *opts.extra_sources])
 

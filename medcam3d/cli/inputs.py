@@ -2,8 +2,9 @@
 
 Accepted inputs: NIfTI files, DICOM series folders, a folder of them (one level: ``*.nii``/
 ``*.nii.gz`` files and subfolders that hold DICOM files), or a CSV with a ``path`` column (optional
-``case_id``, ``mask``, ``series_uid`` and ``allow_non_ct`` columns; relative paths are relative to the
-CSV's folder). In a folder, label images are not cases: they are paired with their scan by name
+``case_id``, ``mask``, ``series_uid`` and ``allow_non_ct`` columns, and ``input.<name>`` columns
+that give ``model.forward`` a per-case keyword input ``<name>`` — one number, or numbers separated by
+``;`` for a vector; relative paths are relative to the CSV's folder). In a folder, label images are not cases: they are paired with their scan by name
 (:mod:`medcam3d.cli.pairing`). Case ids come from file/folder names or the CSV, never from DICOM
 patient fields unless ``keep_identifiers``; names the output folder itself uses (the manifest) are
 never case ids.
@@ -24,6 +25,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Names in the output folder that belong to the run, not to a case (compared in lower case).
 RESERVED_IDS = ("manifest.csv", "manifest.jsonl", "summary.csv")
 CSV_COLUMNS = ("path", "case_id", "mask", "series_uid", "allow_non_ct")
+#: A CSV column ``input.<name>`` is the per-case keyword input ``<name>`` of ``model.forward``.
+INPUT_PREFIX = "input."
 _TRUE, _FALSE = ("1", "true", "yes", "y"), ("", "0", "false", "no", "n")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -39,10 +42,26 @@ class Case:
     mask: Path | None = None
     series_uid: str | None = None
     allow_non_ct: bool = False
+    #: per-case keyword inputs of ``model.forward`` from ``input.<name>`` CSV columns: a float, or a
+    #: tuple of floats for a vector (given to the model as a (1, n) float32 tensor)
+    forward_inputs: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
 
     def load_options(self) -> str:
-        """The load options as text (part of the resume hash)."""
-        return f"series_uid={self.series_uid or ''}|allow_non_ct={int(self.allow_non_ct)}"
+        """The load options and per-case model inputs as text (part of the resume hash)."""
+        text = f"series_uid={self.series_uid or ''}|allow_non_ct={int(self.allow_non_ct)}"
+        if self.forward_inputs:
+            text += "|inputs=" + ";".join(f"{k}={v!r}" for k, v in self.forward_inputs)
+        return text
+
+    def model_inputs(self) -> dict[str, object]:
+        """The per-case keyword inputs as ``model.forward`` takes them: a float stays a float, a
+        vector becomes a (1, n) float32 tensor (the same rule as the config's ``forward_kwargs``)."""
+        import torch
+
+        return {
+            k: torch.tensor(list(v), dtype=torch.float32)[None] if isinstance(v, tuple) else v
+            for k, v in self.forward_inputs
+        }
 
 
 def sanitize_case_id(name: str) -> str:
@@ -86,7 +105,7 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-_Raw = tuple[Path, str | None, Path | None, dict[str, str]]
+_Raw = tuple[Path, str | None, Path | None, dict[str, object]]
 
 
 def _expand(arg: Path) -> list[_Raw]:
@@ -127,8 +146,14 @@ def _read_csv(path: Path) -> list[_Raw]:
             if "path" not in fields:
                 raise InputError(
                     f"--input: CSV {str(path)!r} needs a 'path' column (found: {', '.join(fields) or 'none'}); "
-                    "optional columns: case_id, mask, series_uid, allow_non_ct"
+                    "optional columns: case_id, mask, series_uid, allow_non_ct, input.<name>"
                 )
+            for f in fields:
+                if f.startswith(INPUT_PREFIX) and not f[len(INPUT_PREFIX):].isidentifier():
+                    raise InputError(
+                        f"--input: CSV {str(path)!r}: column {f!r} is not input.<argument name>; "
+                        "name it after a keyword argument of the model's forward(), e.g. input.clinical"
+                    )
             rows = []
             for row in reader:
                 if None in row:  # DictReader files surplus cells under the key None
@@ -157,11 +182,37 @@ def _read_csv(path: Path) -> list[_Raw]:
                 f"--input: CSV {str(path)!r}: allow_non_ct must be true/false (or 1/0, yes/no), got "
                 f"{row['allow_non_ct']!r}"
             )
-        extra = {"series_uid": row.get("series_uid", ""), "allow_non_ct": str(flag in _TRUE)}
+        extra: dict[str, object] = {"series_uid": row.get("series_uid", ""),
+                                    "allow_non_ct": str(flag in _TRUE)}
+        extra["inputs"] = _row_inputs(row, path)
         out.append((p, row.get("case_id") or None, mask_path, extra))
     if not out:
         raise InputError(f"--input: CSV {str(path)!r} lists no paths")
     return out
+
+
+def _row_inputs(row: dict[str, str], path: Path) -> tuple[tuple[str, float | tuple[float, ...]], ...]:
+    """The ``input.<name>`` cells of one CSV row: one number -> float, ``a;b;c`` -> tuple of floats."""
+    values: list[tuple[str, float | tuple[float, ...]]] = []
+    for column in sorted(k for k in row if k.startswith(INPUT_PREFIX)):
+        cell = row[column]
+        parts = [p.strip() for p in cell.split(";")]
+        try:
+            numbers = tuple(float(p) for p in parts)
+        except ValueError:
+            numbers = ()
+        if not cell or not numbers or not all(map(_finite, numbers)):
+            raise InputError(
+                f"--input: CSV {str(path)!r}, case {row.get('path')!r}: {column} must be a finite number "
+                f"or numbers separated by ';', got {cell!r}"
+            )
+        name = column[len(INPUT_PREFIX):]
+        values.append((name, numbers if len(parts) > 1 else numbers[0]))
+    return tuple(values)
+
+
+def _finite(v: float) -> bool:
+    return v == v and v not in (float("inf"), float("-inf"))
 
 
 def _patient_id(folder: Path) -> str | None:
@@ -217,10 +268,11 @@ def collect_cases(
             n += 1
             unique = f"{case_id}-{n}"
         used.add(unique.lower())
-        uid = extra.get("series_uid") or series_uid or None
+        uid = str(extra.get("series_uid") or series_uid or "") or None
         non_ct = allow_non_ct or extra.get("allow_non_ct") == "True"
+        inputs = extra.get("inputs") or ()
         cases.append(Case(index=len(cases), case_id=unique, path=resolved, mask=mask,
-                          series_uid=uid, allow_non_ct=non_ct))
+                          series_uid=uid, allow_non_ct=non_ct, forward_inputs=inputs))
     return cases
 
 

@@ -497,6 +497,7 @@ def load_run_config(
     *,
     allow_random_weights: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
+    probe_inputs: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Validate a config (YAML path or dict) completely and build what it describes.
 
@@ -505,6 +506,9 @@ def load_run_config(
         allow_random_weights: accept a config without ``model.checkpoint`` (warns loudly).
         base_dir: folder that relative paths (checkpoint, a ``_target_`` module file) are resolved
             against; default: the YAML file's folder, or the current folder for a dict.
+        probe_inputs: extra keyword inputs of ``model.forward`` for the probe forward, merged over
+            the config's ``forward_kwargs`` (the CLI passes the first case's per-case inputs from
+            the cohort CSV's ``input.<name>`` columns).
 
     Returns:
         A :class:`RunConfig` with the model built (eval, CPU, weights loaded), the target layer
@@ -579,7 +583,7 @@ def load_run_config(
         score = build_score(spec["score"], base_dir)
     except ConfigError as exc:
         raise fail(exc) from exc
-    probe = _probe(model, preprocess, target, report, where, spec["forward_kwargs"])
+    probe = _probe(model, preprocess, target, report, where, spec["forward_kwargs"], probe_inputs)
 
     return RunConfig(
         model=model,
@@ -618,6 +622,7 @@ def _probe(
     report: LoadReport | None,
     where: str,
     forward_kwargs: dict[str, Any],
+    probe_inputs: Mapping[str, Any] | None = None,
 ) -> ProbeResult:
     """Probe forward (see :mod:`medcam3d.config.probe`); refuse a bad target layer, and a
     non-strict checkpoint that lacks weights the forward uses."""
@@ -625,7 +630,8 @@ def _probe(
     try:
         from medcam3d.config.explain_args import forward_values
 
-        probe = probe_model(model, preprocess, target, forward_values(forward_kwargs))
+        probe = probe_model(model, preprocess, target,
+                            {**forward_values(forward_kwargs), **dict(probe_inputs or {})})
     except TargetLayerError as exc:
         raise ConfigError(f"target_layer: {exc}{suffix}") from exc
     except ConfigError as exc:
