@@ -51,6 +51,8 @@ _LAZY = {
     "explain_volume": "medcam3d.spatial",
     "Explanation": "medcam3d.explanation",
     "build_preprocessing": "medcam3d.spatial",
+    "model_input": "medcam3d.spatial",
+    "load_run_config": "medcam3d.config",
     "view": "medcam3d.viewer",
 }
 

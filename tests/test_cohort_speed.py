@@ -85,7 +85,9 @@ def test_uint16_storage_is_within_its_documented_error_in_nibabel_and_simpleitk(
         assert np.abs(by_nib - exact[k]).max() <= tol
         np.testing.assert_allclose(by_itk, by_nib, rtol=1e-6, atol=1e-12)
         assert by_nib.max() == pytest.approx(float(exact[k].max()), rel=1e-6)
-        np.testing.assert_array_equal(by_nib == 0, exact[k] == 0)  # zeros stay exactly zero
+        # zeros stay exactly zero (values below half a quantisation step may round to 0: the
+        # BlobModel's tails reach 1e-25 of the maximum, within ``tol`` checked above)
+        assert (by_nib[exact[k] == 0] == 0).all()
         np.testing.assert_allclose(img.affine, nib.load(str(ref[k])).affine)
 
 
