@@ -81,6 +81,20 @@ def test_view_outlines_masks_minip_ct_and_accepts_map_files(make_napari_viewer, 
     assert lab.__class__.__name__ == "Labels" and lab.contour > 0
 
 
+def test_window_dock_names_the_window_the_ct_is_shown_with(make_napari_viewer):
+    from medcam3d.viewer.windows import resolve_window
+    from medcam3d.viewer.widgets import WINDOW_DOCK_NAME
+
+    vol = medcam3d.load_volume(DATA / "example_ct_sm.nii.gz")
+    viewer = make_napari_viewer()
+    medcam3d.view(vol, _toy_explanation(vol), viewer=viewer, window="mediastinum")
+    dock = dict(viewer.window.dock_widgets)[WINDOW_DOCK_NAME]
+    assert dock.window.value == "mediastinum"
+    # the CT's limits are the preset's L ± W/2 (mediastinum W350/L40 -> -135..215 HU)
+    assert tuple(viewer.layers[0].contrast_limits) == pytest.approx((-135.0, 215.0))
+    assert tuple(resolve_window("mediastinum").limits) == pytest.approx((-135.0, 215.0))
+
+
 def _toy_explanation(vol):
     from torch import nn
 

@@ -146,7 +146,7 @@ def view(
     added = [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in layer_data]
     from medcam3d.viewer.widgets import dock_window_widget
 
-    dock_window_widget(viewer)  # before reset_view: docking narrows the canvas
+    dock_window_widget(viewer, window)  # before reset_view: docking narrows the canvas
     present(viewer, fit=first)
     if first:
         heat = [ly for ly in added[1:] if ly.metadata.get("medcam3d", {}).get("kind") == "heat"]

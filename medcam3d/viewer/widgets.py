@@ -122,14 +122,21 @@ class WindowWidget(mw.Container):
         layer.contrast_limits = list(win.limits)
 
 
-def dock_window_widget(viewer: Any) -> WindowWidget:
-    """Dock the "CT window" widget on ``viewer`` (once; returns the existing one if present)."""
+def dock_window_widget(viewer: Any, window: Any = None) -> WindowWidget:
+    """Dock the "CT window" widget on ``viewer`` (once; returns the existing one if present).
+
+    ``window``: the preset the CT was shown with (e.g. ``"mediastinum"``), so the dock names the
+    window the user sees rather than "auto"; None/"auto" or a (level, width) pair leave it at auto.
+    """
     existing = dict(viewer.window.dock_widgets).get(WINDOW_DOCK_NAME)
     if isinstance(existing, WindowWidget):
         existing.reset_choices()
-        return existing
-    widget = WindowWidget(viewer)
-    viewer.window.add_dock_widget(widget, name=WINDOW_DOCK_NAME, area="right")
+        widget = existing
+    else:
+        widget = WindowWidget(viewer)
+        viewer.window.add_dock_widget(widget, name=WINDOW_DOCK_NAME, area="right")
+    if isinstance(window, str) and window.lower() in window_names():
+        widget.window.value = window.lower()  # same limits the CT layer already has
     return widget
 
 
