@@ -72,7 +72,8 @@ def sanitize_case_id(name: str) -> str:
     return s or "case"
 
 
-def _stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
+    """The file name without its ``.nii``/``.nii.gz`` suffix (the name as is otherwise)."""
     name = path.name
     for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -261,7 +262,7 @@ def collect_cases(
         elif keep_identifiers and resolved.is_dir() and (pid := _patient_id(resolved)):
             base = pid
         else:
-            base = _stem(resolved)
+            base = nifti_stem(resolved)
         case_id = sanitize_case_id(base)
         unique, n = case_id, 1
         while unique.lower() in used:

@@ -13,15 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medcam3d.cli.inputs import NIFTI_SUFFIXES
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+from medcam3d.cli.inputs import nifti_stem as _stem
 
 
 def _is_label(path: Path) -> list[int] | None:
