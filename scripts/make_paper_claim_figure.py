@@ -5,7 +5,7 @@ AxialNet demo model with HiResCAM and Grad-CAM at the same layer (docs/paper_cla
     python scripts/make_paper_claim_figure.py [--out docs/paper_claim_planted.png]
 
 The copy of the effusion activates the slice CNN like the effusion does, but the per-slice FC weights
-at its in-plane position give it (almost) no evidence: adding it barely moves the score (printed, and
+at its in-plane position give it no positive evidence: adding it does not raise the score (printed, and
 in the figure title). HiResCAM shows that; Grad-CAM, whose channel weights are averages over all
 positions, puts positive mass on the copy's cells.
 """

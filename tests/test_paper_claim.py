@@ -240,19 +240,19 @@ def test_planted_decoy_is_an_exact_copy_outside_the_body(planted) -> None:
 
 def test_planted_decoy_gradcam_lights_what_the_model_ignores(planted) -> None:
     p, report, res = planted
-    # the model's own answer, by intervention: the copy does not move the score; the real lesion does
+    # the model's own answer, by intervention: the copy does not raise the score; the real lesion does
     assert report.lesion_effect > 1.0
-    assert abs(report.decoy_effect) < 0.02 * report.lesion_effect
+    # the copy adds no evidence (the model may count it against the class: the issue's "no or negative")
+    assert report.decoy_effect < 0.02 * report.lesion_effect
     hi_lesion, hi_copy = report.map_share["hirescam"]
     gc_lesion, gc_copy = report.map_share["gradcam"]
     assert hi_copy < 0.02, "HiResCAM must stay (almost) dark on the copy the model ignores"
     assert gc_copy > 0.04 and gc_copy > 5 * hi_copy, "Grad-CAM lights up the copy"
 
 
-#: The AxialNet demo model reached AUROC >= 0.9 only for effusion in its training budget (MODEL_CARD.md):
-#: nodule is at chance, consolidation ~0.7-0.77. These bounds state what it does; the 0.9 target of the
-#: issue is met for effusion only.
-AXIAL_AUROC_BOUNDS = {"effusion": 0.9, "consolidation": 0.6}
+#: The issue's CI bar: AUROC >= 0.9 for every class (held-out, seed 3000, n = 200: 0.969 / 1.000 / 0.992;
+#: MODEL_CARD.md).
+AXIAL_AUROC_BOUNDS = {"nodule": 0.9, "effusion": 0.9, "consolidation": 0.9}
 
 
 def test_axialnet_auroc_on_fresh_ci_set(axial) -> None:
