@@ -13,6 +13,7 @@ never case ids.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import sys
@@ -202,7 +203,7 @@ def _row_inputs(row: dict[str, str], path: Path) -> tuple[tuple[str, float | tup
             numbers = tuple(float(p) for p in parts)
         except ValueError:
             numbers = ()
-        if not cell or not numbers or not all(map(_finite, numbers)):
+        if not cell or not numbers or not all(map(math.isfinite, numbers)):
             raise InputError(
                 f"--input: CSV {str(path)!r}, case {row.get('path')!r}: {column} must be a finite number "
                 f"or numbers separated by ';', got {cell!r}"
@@ -210,10 +211,6 @@ def _row_inputs(row: dict[str, str], path: Path) -> tuple[tuple[str, float | tup
         name = column[len(INPUT_PREFIX):]
         values.append((name, numbers if len(parts) > 1 else numbers[0]))
     return tuple(values)
-
-
-def _finite(v: float) -> bool:
-    return v == v and v not in (float("inf"), float("-inf"))
 
 
 def _patient_id(folder: Path) -> str | None:
