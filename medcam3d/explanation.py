@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medcam3d.names import ACTIVATIONS  # how raw scores become ``probabilities`` (re-exported)
+
 if TYPE_CHECKING:  # pragma: no cover - typing only, monai is not imported at run time
     from monai.data import MetaTensor
-
-#: How raw scores become ``probabilities``: the single home of this list.
-ACTIVATIONS = ("sigmoid", "softmax")
 
 
 @dataclass

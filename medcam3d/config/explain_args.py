@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from medcam3d.config.schema import Errors, check_keys, describe, join
 from medcam3d.errors import ConfigError, Medcam3dError
+
+if TYPE_CHECKING:  # torch is imported where it is used: validating a config needs none
+    import torch
 
 SCORE_NAMES = ("logits", "output", "region", "similarity")
 _SCORE_KEYS = {
@@ -82,6 +83,8 @@ def parse_score(errors: Errors, value: Any) -> dict[str, Any] | None:
 
 
 def _read_reference(ref: str | list, base_dir: Path) -> tuple[torch.Tensor, str | None]:
+    import torch
+
     if isinstance(ref, list):
         try:
             return torch.tensor(ref, dtype=torch.float32), None
@@ -141,6 +144,8 @@ def parse_forward_kwargs(errors: Errors, value: Any) -> dict[str, Any]:
             errors.add("forward_kwargs", f"{name!r} is not a valid argument name")
             continue
         if isinstance(v, list):
+            import torch
+
             try:
                 torch.tensor(v, dtype=torch.float32)
             except (TypeError, ValueError):
@@ -155,4 +160,6 @@ def parse_forward_kwargs(errors: Errors, value: Any) -> dict[str, Any]:
 
 def forward_values(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Config values -> model inputs: lists become float32 tensors with a batch dim of 1."""
+    import torch
+
     return {k: torch.tensor(v, dtype=torch.float32)[None] if isinstance(v, list) else v for k, v in spec.items()}

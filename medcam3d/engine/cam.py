@@ -22,6 +22,7 @@ from medcam3d.engine.scores import ScoreSpec
 from medcam3d.engine.selection import ClassSpec
 from medcam3d.engine.targets import Target, resolve_target, unwrap_compiled
 from medcam3d.errors import InputError
+from medcam3d.names import METHOD_NAMES, method_name
 
 #: Label of the "layer" used by methods that explain at the model input.
 INPUT_LABEL = "<input>"
@@ -353,40 +354,16 @@ class GradientXInput(BaseCAM):
         return (grads.float() * activation.float().unsqueeze(0)).sum(dim=2)
 
 
-#: Every method, by canonical name (the single home of this list; config and CLI read it here).
+#: Every method, by canonical name -> class (the names' home is medcam3d.names.METHOD_NAMES).
 METHODS: dict[str, type[BaseCAM]] = {
     cls.method: cls
     for cls in (HiResCAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, GradCAMElementWise, EigenCAM,
                 GradientXInput)
 }
 
-_ALIASES = {
-    "gradcam++": "gradcampp",
-    "gradcamplusplus": "gradcampp",
-    "gradcamelementwise": "gradcam_elementwise",
-    "elementwisegradcam": "gradcam_elementwise",
-    "gradientxinput": "gradxinput",
-    "inputxgradient": "gradxinput",
-}
-
-
-def method_name(method: str) -> str:
-    """Canonical name of ``method`` (case, ``-``/``_`` and a few spellings tolerated).
-
-    Raises:
-        InputError: unknown method, listing the valid ones.
-    """
-    if isinstance(method, str):
-        key = method.strip().lower()
-        if key in METHODS:
-            return key
-        squashed = key.replace("-", "").replace("_", "").replace(" ", "")
-        for name in METHODS:
-            if squashed == name.replace("_", ""):
-                return name
-        if squashed in _ALIASES:
-            return _ALIASES[squashed]
-    raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+if tuple(METHODS) != METHOD_NAMES:  # the names live in medcam3d.names (importable without torch)
+    raise ImportError(f"medcam3d.engine.cam: METHODS {tuple(METHODS)} != medcam3d.names.METHOD_NAMES "
+                      f"{METHOD_NAMES}; add a new method's name there too")
 
 
 def make_cam(method: str, model: nn.Module, target_layer: str | nn.Module | None = None, **kwargs: Any) -> BaseCAM:
