@@ -4,6 +4,11 @@ processes (torchrun), writing per-class NIfTI maps, PNG montages and a manifest.
 Batching: cases are explained one at a time (one forward + one batched backward over all classes
 and methods per case); there is no ``--batch-size`` (it used to be accepted and ignored). Loading
 overlaps compute through DataLoader workers instead.
+
+A rerun over finished cases builds no model: when the config's fingerprint can be computed from
+files alone (:mod:`medcam3d.config.digest`, which also says what a matching fingerprint proves), the
+cases are planned first and torch, MONAI, the model and its probe forward are loaded only when some
+case of some process is left to do; then everything runs as on a first run.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcam3d.cli import distributed as dist
 from medcam3d.cli.inputs import Case, check_output_dir, collect_cases
-from medcam3d.cli.loading import LoadedCase, iter_loaded
 from medcam3d.cli.lock import OutputLock
 from medcam3d.cli.manifest import STAGE_COLUMNS, PartWriter, merge_parts, part_path
 from medcam3d.cli.notes import load_notes, outside_scan_notes, write_resliced_ct
@@ -34,8 +38,12 @@ from medcam3d.cli.resume import (
 )
 from medcam3d.cli.scoring import COLUMNS as SCORING_COLUMNS
 from medcam3d.cli.scoring import case_line, class_extras, load_mask, row_extras, write_cohort_summary
-from medcam3d.config import RunConfig, load_run_config
+from medcam3d.config.digest import ConfigDigest, config_digest
 from medcam3d.errors import ConfigError, InputError, Medcam3dError
+
+if TYPE_CHECKING:  # torch (DataLoader) and the model builders load only when a case is to do
+    from medcam3d.cli.loading import LoadedCase
+    from medcam3d.config import RunConfig
 
 
 @dataclass
@@ -259,20 +267,24 @@ def _fractions(expl: Any) -> list[float] | None:
     return None if frac is None else [round(float(v), 4) for v in frac.reshape(-1)]
 
 
-def resolve_device(requested: str | None, cfg: RunConfig, d: dist.Dist) -> str:
+def resolve_device(requested: str | None, cfg: RunConfig | ConfigDigest, d: dist.Dist) -> str:
     """CLI --device, else the config's, else cuda if available; one GPU per rank under torchrun.
 
     Raises:
         ConfigError: a CUDA device is asked for but this torch has none (CPU-only build, no GPU
             visible, or an index past the last GPU).
     """
-    import torch
+    device = requested or cfg.device
+    if device is None:
+        import torch
 
-    device = requested or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if d.world_size > 1 and device == "cuda":
         device = f"cuda:{d.local_rank}"
     where = "--device" if requested else "device"
     if device.startswith("cuda"):
+        import torch
+
         if not torch.cuda.is_available():
             why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
             raise ConfigError(f"{where}: {device!r} asked for, but this torch ({torch.__version__}) "
@@ -303,23 +315,35 @@ def _agree(d: dist.Dist, step: Any) -> Any:
     return result
 
 
+def _input_digests(mine: list[Case]) -> dict[int, str]:
+    """SHA-256 of each case's input content, by case index (read once per run).
+
+    Raises:
+        InputError: an input cannot be read.
+    """
+    digests = {}
+    for case in mine:
+        try:
+            digests[case.index] = input_sha256(case.path)
+        except OSError as exc:
+            raise InputError(f"--input: cannot read {str(case.path)!r}: {exc.strerror or exc}") from exc
+    return digests
+
+
 def _plan(
-    mine: list[Case], cfg: RunConfig, out_root: Path, overwrite: bool, run_id: str
+    mine: list[Case], fingerprint: str, methods: list[str], digests: dict[int, str], out_root: Path,
+    overwrite: bool, run_id: str,
 ) -> tuple[list[tuple[Case, dict[str, Any]]], list[tuple[Case, dict[str, Any]]]]:
     """Split this rank's cases into (to do, skipped) with their marker entries; refuse case-id
     collisions with a different input unless ``overwrite``.
 
     Raises:
-        InputError: an input cannot be read for hashing, or a case id collides.
+        InputError: a case id collides.
     """
-    fingerprint = cfg.fingerprint()
     todo, skipped = [], []
     for case in mine:
-        try:
-            digest = input_sha256(case.path)
-        except OSError as exc:
-            raise InputError(f"--input: cannot read {str(case.path)!r}: {exc.strerror or exc}") from exc
-        base = {"hash": case_hash(fingerprint, cfg.methods, digest, case.load_options()),
+        digest = digests[case.index]
+        base = {"hash": case_hash(fingerprint, methods, digest, case.load_options()),
                 "input_sha256": digest, "run_id": run_id}
         case_dir = out_root / case.case_id
         if overwrite:
@@ -336,6 +360,15 @@ def _plan(
     return todo, skipped
 
 
+def _load_config(opts: ExplainOptions, cases: list[Case]) -> RunConfig:
+    """The fully validated config with its model built (the probe forward gets the first case's
+    per-case model inputs, from the cohort CSV's input.<name> columns)."""
+    from medcam3d.config import load_run_config
+
+    return load_run_config(opts.config, allow_random_weights=opts.allow_random_weights,
+                           probe_inputs=cases[0].model_inputs() if cases else None)
+
+
 def run_explain(opts: ExplainOptions) -> Summary:
     """Run the whole ``explain`` command (see module docstring); returns the summary.
 
@@ -350,17 +383,26 @@ def run_explain(opts: ExplainOptions) -> Summary:
 
     cases = collect_cases(opts.inputs, keep_identifiers=opts.keep_identifiers,
                           series_uid=opts.series_uid, allow_non_ct=opts.allow_non_ct)
-    # the probe forward gets the per-case model inputs (CSV input.<name> columns) of the first case
-    cfg = load_run_config(opts.config, allow_random_weights=opts.allow_random_weights,
-                          probe_inputs=cases[0].model_inputs() if cases else None)
     out_root = Path(os.path.abspath(opts.output))
+    # Finished cases can only be in an existing output folder: then the config is validated and
+    # fingerprinted without building the model, and the model is built below only if a case is
+    # left to do. Otherwise (and with --overwrite) it is built here, as it always was.
+    cfg: RunConfig | None = None
+    quick: ConfigDigest | None = None
+    if not opts.overwrite and cases and out_root.is_dir():
+        quick = config_digest(opts.config)
+    if quick is None or quick.fingerprint is None:
+        cfg = _load_config(opts, cases)
+    settings: RunConfig | ConfigDigest = cfg if cfg is not None else quick
     check_output_dir(out_root, cases, [*opts.inputs, *opts.extra_sources])
 
-    backend_hint = opts.device or cfg.device or "cpu"
+    backend_hint = opts.device or settings.device or "cpu"
     d = dist.setup(backend_hint)
     lock: OutputLock | None = None
     try:
-        device = _agree(d, lambda: resolve_device(opts.device, cfg, d))
+        # without a model, only an explicitly asked device can be refused (auto always resolves)
+        device = _agree(d, lambda: resolve_device(opts.device, settings, d)
+                        if cfg is not None or opts.device or settings.device else None)
         run_id = dist.broadcast(d, _make_run_id())
         if d.is_main:
             created = not out_root.exists()
@@ -384,9 +426,22 @@ def run_explain(opts: ExplainOptions) -> Summary:
             _agree(d, lambda: None)
         dist.barrier(d)
         mine = dist.split(cases, d)
-        todo, skipped = _agree(d, lambda: _plan(mine, cfg, out_root, opts.overwrite, run_id))
-        cfg.model.to(device)
-        amp = opts.amp or cfg.amp
+        digests = _agree(d, lambda: _input_digests(mine))
+        fingerprint = cfg.fingerprint() if cfg is not None else quick.fingerprint
+        todo, skipped = _agree(d, lambda: _plan(mine, fingerprint, settings.methods, digests, out_root,
+                                                opts.overwrite, run_id))
+        # The model is skipped only when no rank has a case to do; otherwise every rank that
+        # deferred it builds it now and plans again with the built config's fingerprint (equal to
+        # the digest's unless a file changed in between). Each test is collective: all ranks agree.
+        if not dist.all_ok(d, cfg is None and not todo) and not dist.all_ok(d, cfg is not None):
+            built = cfg
+            cfg = _agree(d, lambda: built if built is not None else _load_config(opts, cases))
+            device = _agree(d, lambda: resolve_device(opts.device, cfg, d))
+            todo, skipped = _agree(d, lambda: _plan(mine, cfg.fingerprint(), cfg.methods, digests, out_root,
+                                                    opts.overwrite, run_id))
+        if cfg is not None:
+            cfg.model.to(device)
+        amp = opts.amp or (cfg.amp if cfg is not None else False)
         writer = PartWriter(part_path(out_root, d.rank))
         summary = Summary()
         markers: dict[int, dict[str, Any]] = {case.index: base for case, base in todo}
@@ -398,7 +453,12 @@ def run_explain(opts: ExplainOptions) -> Summary:
                 writer.write(row)
         bar = tqdm(total=len(todo), disable=opts.quiet or not d.is_main, unit="case",
                    desc="medcam3d explain", file=sys.stderr)
-        for loaded in iter_loaded([case for case, _ in todo], opts.workers):
+        loaded_cases: Any = ()
+        if todo:
+            from medcam3d.cli.loading import iter_loaded
+
+            loaded_cases = iter_loaded([case for case, _ in todo], opts.workers)
+        for loaded in loaded_cases:
             rows = _explain_case(loaded, cfg, out_root, device, amp, markers[loaded.case.index])
             for row in rows:
                 row["run_id"] = row.get("run_id") or run_id

@@ -42,23 +42,22 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from medcam3d.config.checkpoint import CheckpointOptions, LoadReport
 from medcam3d.config.explain_args import build_score, parse_forward_kwargs, parse_score
-from medcam3d.config.models import build_model_with_report, resolve_factory
-from medcam3d.config.probe import ProbeResult, probe_model
 from medcam3d.config.schema import Errors, check_keys, close_matches, describe, join
 from medcam3d.config.windows import WINDOWS, Window
-from medcam3d.engine import METHODS as _ENGINE_METHODS
-from medcam3d.engine import method_name
 from medcam3d.errors import ConfigError, InputError, Medcam3dError, TargetLayerError
-from medcam3d.explanation import ACTIVATIONS
+from medcam3d.names import ACTIVATIONS, METHOD_NAMES, method_name
 
-METHODS = tuple(_ENGINE_METHODS)  # names come from the engine (one home)
+if TYPE_CHECKING:  # torch, the model builders and the probe are imported where they are used, so
+    # validating a config and computing its fingerprint (medcam3d.config.digest) import no torch
+    from torch import nn
+
+    from medcam3d.config.checkpoint import LoadReport
+    from medcam3d.config.probe import ProbeResult
+
+METHODS = METHOD_NAMES  # the engine's method names (one home: medcam3d.names)
 TOP_KEYS = (
     "model",
     "preprocess",
@@ -177,12 +176,7 @@ class RunConfig:
         """SHA-256 of everything that changes the outputs: the normalised config (minus device),
         the weights (the checkpoint file's bytes, or the state dict of a model that loads its own
         weights) and the source file of a user ``_target_``. Resume compares it per case."""
-        h = hashlib.sha256()
-        spec = {k: v for k, v in self.spec.items() if k != "device"}
-        h.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        h.update((self.checkpoint_sha256 or self.weights_sha256 or "random-weights").encode())
-        h.update((self.code_sha256 or "").encode())
-        return h.hexdigest()
+        return fingerprint_of(self.spec, self.checkpoint_sha256 or self.weights_sha256, self.code_sha256)
 
     def resolved_device(self) -> str:
         """``device``, with None turned into ``"cuda"`` when available, else ``"cpu"``."""
@@ -191,6 +185,18 @@ class RunConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fingerprint_of(spec: Mapping[str, Any], weights_sha256: str | None, code_sha256: str | None) -> str:
+    """The run fingerprint (:meth:`RunConfig.fingerprint`) from its parts: the normalised config
+    (``device`` left out), the weights' SHA-256 (None: random weights) and the ``_target_`` source
+    file's SHA-256 (None: a MONAI network). One function, so :mod:`medcam3d.config.digest` (which
+    computes it without building the model) cannot drift from it."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in spec.items() if k != "device"}, sort_keys=True, default=str).encode())
+    h.update((weights_sha256 or "random-weights").encode())
+    h.update((code_sha256 or "").encode())
+    return h.hexdigest()
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -222,6 +228,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _device_ok(value: str) -> bool:
+    if value == "cpu":  # always valid; no need to import torch for it
+        return True
     import torch
 
     try:
@@ -492,6 +500,42 @@ def build_preprocess(spec: Any, where: str = "") -> Any:
         raise ConfigError(f"{msg} (in {where})" if where else msg) from exc
 
 
+def validated_spec(
+    source: str | os.PathLike[str] | Mapping[str, Any], base_dir: str | os.PathLike[str] | None = None
+) -> tuple[dict[str, Any], Window | None, Path | None, str, Path]:
+    """Read and check every key and type of a config, without building anything (no torch).
+
+    Returns (normalised spec, output window, the YAML file or None, where (for messages),
+    base_dir: ``base_dir`` or the YAML file's folder or the current folder).
+
+    Raises:
+        ConfigError: anything invalid that can be told without the model (all problems at once).
+    """
+    if isinstance(source, Mapping):
+        data, path, where = dict(source), None, ""
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser().resolve()
+        data, where = read_config_file(path), str(path)
+    else:
+        raise ConfigError(f"config: expected a YAML file path or a dict, got {describe(source)}")
+    if base_dir is None:
+        base_dir = path.parent if path is not None else Path.cwd()
+    errors = Errors(where)
+    spec = _validate(data, errors)
+    errors.raise_if_any()
+    window = spec.pop("_window")
+    return spec, window, path, where, Path(base_dir)
+
+
+def checkpoint_path(spec: Mapping[str, Any], base_dir: Path) -> Path | None:
+    """``model.checkpoint`` resolved (relative paths from ``base_dir``); None when not given."""
+    ckpt = spec["model"]["checkpoint"]
+    if ckpt is None:
+        return None
+    path = Path(ckpt).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
 def load_run_config(
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -518,23 +562,11 @@ def load_run_config(
         ConfigError: anything invalid; the message starts with the key path, e.g.
             ``"model.kwargs.spatial_dims: expected an integer, got 'three'"``.
     """
+    from medcam3d.config.checkpoint import CheckpointOptions
+    from medcam3d.config.models import build_model_with_report
     from medcam3d.engine import resolve_target
 
-    if isinstance(source, Mapping):
-        data, path, where = dict(source), None, ""
-    elif isinstance(source, str | os.PathLike):
-        path = Path(source).expanduser().resolve()
-        data, where = read_config_file(path), str(path)
-    else:
-        raise ConfigError(f"config: expected a YAML file path or a dict, got {describe(source)}")
-    if base_dir is None:
-        base_dir = path.parent if path is not None else Path.cwd()
-    base_dir = Path(base_dir)
-
-    errors = Errors(where)
-    spec = _validate(data, errors)
-    errors.raise_if_any()
-    window = spec.pop("_window")
+    spec, window, path, where, base_dir = validated_spec(source, base_dir)
 
     def fail(exc: Medcam3dError) -> ConfigError:
         msg = str(exc)
@@ -542,12 +574,7 @@ def load_run_config(
 
     model_spec = spec["model"]
     label = model_spec.get("name") or model_spec.get("_target_")
-    ckpt = model_spec["checkpoint"]
-    ckpt_path = None
-    if ckpt is not None:
-        ckpt_path = Path(ckpt).expanduser()
-        if not ckpt_path.is_absolute():
-            ckpt_path = (base_dir / ckpt_path).resolve()
+    ckpt_path = checkpoint_path(spec, base_dir)
     options = CheckpointOptions(
         key=model_spec["checkpoint_key"],
         strip_prefix=tuple(model_spec["strip_prefix"]),
@@ -629,6 +656,7 @@ def _probe(
     suffix = f" (in {where})" if where else ""
     try:
         from medcam3d.config.explain_args import forward_values
+        from medcam3d.config.probe import probe_model
 
         probe = probe_model(model, preprocess, target,
                             {**forward_values(forward_kwargs), **dict(probe_inputs or {})})
@@ -671,6 +699,8 @@ def _probe(
 
 def _state_sha256(model: nn.Module) -> str:
     """SHA-256 over every state-dict entry's name, dtype, shape and bytes."""
+    import torch
+
     h = hashlib.sha256()
     for key, value in model.state_dict().items():
         t = value.detach().cpu().contiguous()
@@ -681,6 +711,8 @@ def _state_sha256(model: nn.Module) -> str:
 
 def _code_sha256(label: str, base_dir: Path, factory: bool) -> str | None:
     """SHA-256 of the source file that defines a ``_target_`` (None for MONAI names)."""
+    from medcam3d.config.models import resolve_factory
+
     if "." not in label and ":" not in label:
         return None
     try:
