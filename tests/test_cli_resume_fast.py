@@ -286,7 +286,7 @@ def test_rerun_imports_neither_torch_nor_monai(finished):
     cfg, scans, out = finished
     code = ("import sys; from medcam3d.cli.main import main; "
             f"rc = main(['explain', '--config', {str(cfg)!r}, '--input', {str(scans[0])!r}, {str(scans[1])!r}, "
-            f"'--output', {str(out)!r}, '--quiet']); "
+            f"'--output', {str(out)!r}, '--quiet', '--device', 'cpu']); "
             "print(rc, sorted(m for m in ('torch', 'monai', 'nibabel', 'scipy') if m in sys.modules))")
     env = {**os.environ, "MEDCAM3D_TEST_NO_BUILD": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

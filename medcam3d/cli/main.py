@@ -29,6 +29,8 @@ def _positive_int(text: str) -> int:
 
 
 def _device(text: str) -> str:
+    if text == "cpu":  # always valid: a rerun with nothing to do need not import torch for it
+        return text
     import torch
 
     try:
