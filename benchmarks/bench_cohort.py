@@ -6,7 +6,7 @@ case)) / 2, both runs in this process (start-up, imports and model building canc
 cases are copies (symlinks) of one scan under different names. Rows are interleaved round by round
 and the median is printed (the machine may be shared: compare ratios, not seconds).
 
-Rows per (config, scan): the floor; the CLI as shipped (float32 maps); ``output.storage: uint16``;
+Rows per (config, scan): the floor; the CLI as shipped (uint16 maps); ``output.storage: float32``;
 uint16 on a 2 mm world-aligned grid (``output.spacing_mm: 2``); and the CLI with MONAI's
 step-by-step ``Compose.inverse`` forced (the reference inverse path, for the inverse stage's
 before/after). Stage shares come from the manifest's ``seconds_*`` columns.
@@ -122,8 +122,8 @@ def _stage_seconds(rows: list[dict]) -> dict[str, float]:
 
 def bench(scans: list[Path], configs: list[str], device: str, rounds: int, work: Path) -> None:
     rows: dict[tuple, dict] = {}
-    variants = [("float32 (default)", {}, False), ("uint16 storage", {"storage": "uint16"}, False),
-                ("uint16 on a 2 mm grid", {"storage": "uint16", "spacing_mm": 2.0}, False),
+    variants = [("default (uint16)", {}, False), ("float32 storage", {"storage": "float32"}, False),
+                ("uint16 on a 2 mm grid", {"spacing_mm": 2.0}, False),
                 ("MONAI inverse (before)", {}, True)]
     for r in range(rounds + 1):  # round 0 warms up (imports, caches); not recorded
         for cname in configs:

@@ -48,7 +48,7 @@ def test_nifti_cases_write_maps_on_source_grid_and_manifest(cohort, capsys):
         src = nib.load(str(scan))
         for f in files:
             img = nib.load(str(out / f))
-            assert img.shape == src.shape and img.get_data_dtype() == np.float32
+            assert img.shape == src.shape and img.get_data_dtype() == np.uint16  # the default storage
             np.testing.assert_allclose(img.affine, AFFINE, atol=1e-5)
         probs = [float(p) for p in row["probabilities"].split(";")]
         logits = [float(v) for v in row["logits"].split(";")]

@@ -68,13 +68,31 @@ def test_streamed_explanation_writes_the_same_files_as_held_maps(tmp_path):
         assert ia.header["descrip"] == ib.header["descrip"]
 
 
+def test_streamed_maps_come_in_nifti_order_and_are_written_without_reordering(tmp_path):
+    """Scan-grid maps are laid out as NIfTI stores them (first axis fastest) so nibabel writes them
+    with no transposing copy; values and the peak are those of the C-ordered held maps."""
+    from medcam3d.metrics.peak import first_max_index
+
+    path, affine, shape = _write_case(tmp_path, "oblique-12deg")
+    vol = medcam3d.load_volume(path)
+    held = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act", class_names=["blob", "anti"])
+    streamed = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act",
+                                       class_names=["blob", "anti"], stream=True)
+    for k, m in enumerate(streamed.iter_maps()):
+        assert tuple(m.shape) == shape and m.permute(2, 1, 0).is_contiguous()
+        a = m.numpy()
+        assert a.flags.f_contiguous and np.array_equal(a, held.maps[k].numpy())
+        want = tuple(int(i) for i in np.unravel_index(int(np.argmax(held.maps[k].numpy())), shape))
+        assert first_max_index(a) == want
+
+
 def test_uint16_storage_is_within_its_documented_error_in_nibabel_and_simpleitk(tmp_path):
     path, affine, shape = _write_case(tmp_path, "oblique-12deg")
     vol = medcam3d.load_volume(path)
     expl = medcam3d.explain_volume(BlobModel(), vol, CHAIN, target_layer="act", class_names=["blob", "anti"])
     exact = expl.maps.numpy()
     files = medcam3d.save_nifti(expl, tmp_path / "u16", stem="c", storage="uint16")
-    ref = medcam3d.save_nifti(expl, tmp_path / "f32", stem="c")
+    ref = medcam3d.save_nifti(expl, tmp_path / "f32", stem="c", storage="float32")
     assert sum(p.stat().st_size for p in files) < sum(p.stat().st_size for p in ref)
     for k, f in enumerate(files):
         img = nib.load(str(f))

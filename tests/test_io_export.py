@@ -51,10 +51,23 @@ def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def test_default_storage_is_uint16_within_its_bound(ct, tmp_path):
+    expl = make_expl(ct)
+    paths = save_nifti(expl, tmp_path / "out")
+    for i, p in enumerate(paths):
+        img = nib.load(p)
+        assert img.header.get_data_dtype() == np.uint16
+        want = expl.maps[i].numpy()
+        got = img.get_fdata(dtype=np.float32)
+        # NIfTI-1 scl_slope: stored * slope; the bound of quantise_uint16 is max / 131070
+        assert np.abs(got - want).max() <= want.max() / 131070 * 1.0001 + 1e-12
+        assert got.max() == pytest.approx(want.max(), rel=1e-6) and (got[want == 0] == 0).all()
+
+
 def test_round_trip_header_and_data(ct, tmp_path):
     expl = make_expl(ct)
     out = tmp_path / "out"
-    paths = save_nifti(expl, out)
+    paths = save_nifti(expl, out, storage="float32")
     assert [p.name for p in paths] == ["example_ct_sm_hirescam_nodule.nii.gz", "example_ct_sm_hirescam_mass.nii.gz"]
     assert files_under(tmp_path) == sorted(paths)  # nothing else, no temp files
     src = nib.load(CT_SM)
@@ -85,7 +98,7 @@ def test_round_trip_header_and_data(ct, tmp_path):
 def test_dicom_source_scanner_codes_and_round_trip(tmp_path):
     vol = load_volume(DICOM_DIR)
     expl = make_expl(vol, names=("liver_lesion",))
-    (p,) = save_nifti(expl, tmp_path, stem="case01")
+    (p,) = save_nifti(expl, tmp_path, stem="case01", storage="float32")
     assert p.name == "case01_hirescam_liver_lesion.nii.gz"
     img = nib.load(p)
     assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
@@ -98,7 +111,7 @@ def test_dicom_source_scanner_codes_and_round_trip(tmp_path):
 
 def test_four_d(ct, tmp_path):
     expl = make_expl(ct, names=("a", "b", "c"))
-    paths = save_nifti(expl, tmp_path, four_d=True)
+    paths = save_nifti(expl, tmp_path, four_d=True, storage="float32")
     assert len(paths) == 4 and paths[-1].name == "example_ct_sm_hirescam_all-classes.nii.gz"
     img = nib.load(paths[-1])
     assert img.shape == (*ct.shape[1:], 3) and img.get_data_dtype() == np.float32
@@ -201,7 +214,9 @@ def test_failure_while_writing_leaves_nothing(ct, tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    import medcam3d.io.export as export
+
+    monkeypatch.setattr(export, "save_image", broken_save)  # every map file is written through it
     with pytest.raises(ExportError, match="No map file was left behind"):
         save_nifti(make_expl(ct), tmp_path)
     assert files_under(tmp_path) == []

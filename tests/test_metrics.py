@@ -324,3 +324,21 @@ def test_perturbation_bad_input():
         insertion_auc(model, image.tolist(), sal, 0)
     with pytest.raises(InputError):
         insertion_auc("model", image, sal, 0)
+
+
+def test_first_max_index_is_numpys_c_order_argmax_for_every_memory_layout():
+    """The peak of a map is np.argmax's first maximum in C order, whatever the array's strides
+    (maps on the scan grid come Fortran-ordered); ties and NaN included."""
+    from medcam3d.metrics.peak import first_max_index
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        shape = tuple(int(s) for s in rng.integers(1, 6, size=int(rng.integers(1, 4))))
+        a = rng.integers(0, 3, size=shape).astype(np.float32)  # many ties
+        if rng.random() < 0.1:
+            a.flat[int(rng.integers(a.size))] = np.nan
+        for b in (a, np.asfortranarray(a), a[..., ::-1], np.swapaxes(a, 0, -1)):
+            want = tuple(int(i) for i in np.unravel_index(int(np.argmax(b)), b.shape))
+            assert first_max_index(b) == want
+    with pytest.raises(ValueError, match="empty"):
+        first_max_index(np.zeros((0, 3)))

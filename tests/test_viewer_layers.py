@@ -189,7 +189,8 @@ def test_reader_opens_medcam3d_maps_as_heat_layers(make_napari_viewer, tmp_path)
     four = viewer.open(str(paths[-1]), plugin=PLUGIN)  # the 4D file: every class, shared limits
     assert [ly.name for ly in four] == ["nodule (hirescam)", "effusion (hirescam)"]
     assert all(list(ly.contrast_limits) == pytest.approx([0.2, 1.0]) for ly in four)
-    assert np.array_equal(four[1].data, expl.maps[1].numpy())
+    want = expl.maps[1].numpy()  # the default storage: uint16, within half its scl_slope
+    assert np.abs(np.asarray(four[1].data) - want).max() <= float(expl.maps.max()) / 131070 * 1.0001
 
 
 # ---- saving a heat layer back onto the source grid ----------------------------------------------

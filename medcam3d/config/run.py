@@ -95,7 +95,7 @@ class OutputOptions:
     four_d: bool = False  # also one 4D NIfTI with every class
     montage: bool = True  # PNG montage (axial/coronal/sagittal through each map's peak)
     window: Window = field(default_factory=lambda: WINDOWS["lung"])  # CT window of the montage
-    storage: str = "float32"  # NIfTI data type of the maps: float32 (exact) or uint16 (scl_slope)
+    storage: str = "uint16"  # NIfTI data type of the maps: uint16 (scl_slope, <= max/131070 off) or float32
     spacing_mm: float | None = None  # write maps on a coarser world-aligned grid (None: the scan's)
 
 
@@ -418,7 +418,9 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
 
     # output
     output = data.get("output", {}) or {}
-    opts = {"four_d": False, "montage": True, "window": "lung"}
+    # storage is always in the normalised spec (so in the fingerprint): runs written with another
+    # default (float32 before 2026-11-30) are never taken for finished ones
+    opts = {"four_d": False, "montage": True, "window": "lung", "storage": "uint16"}
     if not isinstance(output, Mapping):
         errors.add("output", f"expected a mapping (four_d, montage, window), got {describe(output)}")
     else:
@@ -435,7 +437,7 @@ def _validate(data: Mapping[str, Any], errors: Errors) -> dict[str, Any]:
             if output["storage"] not in STORAGES:
                 errors.add(join("output", "storage"),
                            f"expected one of {', '.join(STORAGES)}, got {describe(output['storage'])}")
-            elif output["storage"] != "float32":  # the default leaves the fingerprint unchanged
+            else:
                 opts["storage"] = output["storage"]
         sp = output.get("spacing_mm")
         if sp is not None:
@@ -622,7 +624,7 @@ def load_run_config(
         class_idx=spec["class_idx"],
         output=OutputOptions(
             four_d=spec["output"]["four_d"], montage=spec["output"]["montage"], window=window,
-            storage=spec["output"].get("storage", "float32"),
+            storage=spec["output"]["storage"],
             spacing_mm=spec["output"].get("spacing_mm"),
         ),
         device=spec["device"],

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medcam3d.metrics._validate import ArrayLike, as_map, as_mask, as_number, as_spacing
+from medcam3d.metrics.peak import first_max_index
 
 
 def pointing_game(saliency: ArrayLike, mask: ArrayLike, spacing: Sequence[float] | None = None,
@@ -30,7 +31,7 @@ def pointing_game(saliency: ArrayLike, mask: ArrayLike, spacing: Sequence[float]
     tol = as_number(tolerance_mm, "tolerance_mm", low=0.0)
     if s.max() == s.min():
         return False
-    p = np.unravel_index(int(np.argmax(s)), s.shape)
+    p = first_max_index(s)
     if m[p]:
         return True
     if tol == 0.0:

@@ -19,6 +19,7 @@ from torch import nn
 from medcam3d.engine import make_cam
 from medcam3d.errors import InputError
 from medcam3d.metrics import deletion_auc, mass_in_mask, pointing_game
+from medcam3d.metrics.peak import first_max_index
 from medcam3d.models.auroc import per_class_auroc
 from medcam3d.models.demo import CLASS_NAMES, HU_WINDOW, SPACING
 from medcam3d.synthetic import make_dataset
@@ -131,7 +132,7 @@ def peak_distance_mm(saliency: np.ndarray, mask: np.ndarray, affine: np.ndarray,
     s, m = np.asarray(saliency), np.asarray(mask) > 0
     if not m.any():
         raise InputError("mask is empty")
-    p = np.array(np.unravel_index(int(np.argmax(s)), s.shape), dtype=np.float64)
+    p = np.array(first_max_index(s), dtype=np.float64)
     aff = np.asarray(affine, dtype=np.float64)
     maff = aff if mask_affine is None else np.asarray(mask_affine, dtype=np.float64)
     pw = aff[:3, :3] @ p + aff[:3, 3]

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medcam3d.metrics.peak import first_max_index
+
 _VIEWS = (
     # name, axis held fixed, (horizontal axis, vertical axis), axis letters (left, right, bottom, top)
     ("axial", 2, (0, 1), ("R", "L", "P", "A")),
@@ -54,7 +56,8 @@ def to_ras(arrays: list[np.ndarray], affine: np.ndarray) -> tuple[list[np.ndarra
 
 
 def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
-    return np.take(vol, index, axis=axis)
+    """A view of ``vol`` at ``index`` along ``axis`` (np.take would copy all of a strided array)."""
+    return vol[(slice(None),) * axis + (index,)]
 
 
 @dataclass
@@ -71,7 +74,7 @@ def map_panel(m: Any, affine: np.ndarray) -> MapPanel:
     """The :class:`MapPanel` of one (X, Y, Z) map on the grid of ``affine`` (keeps 3 slices, not the map)."""
     (m_ras,), _ = to_ras([_numpy(m)], np.asarray(affine, dtype=np.float64))
     vmax = float(m_ras.max())
-    peak = np.unravel_index(int(np.argmax(m_ras)), m_ras.shape) if vmax > 0 else tuple(s // 2 for s in m_ras.shape)
+    peak = first_max_index(m_ras) if vmax > 0 else tuple(s // 2 for s in m_ras.shape)
     peak = tuple(int(p) for p in peak)
     slices = [np.ascontiguousarray(_slice(m_ras, axis, peak[axis]).T) for _, axis, _, _ in _VIEWS]
     return MapPanel(peak, slices, vmax)
@@ -101,7 +104,7 @@ def _panels(shape: tuple[int, ...], spacing: np.ndarray, peak: tuple[int, ...]) 
 
 
 def _view(vol: np.ndarray, p: dict[str, Any], index: int) -> np.ndarray:
-    s = np.take(vol, index, axis=p["axis"])  # the two remaining axes keep their order (h < v)
+    s = _slice(vol, p["axis"], index)  # the two remaining axes keep their order (h < v)
     return _shown(s.T, p)
 
 

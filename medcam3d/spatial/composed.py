@@ -173,20 +173,27 @@ def resample_one(model_map: torch.Tensor, mapping: AxisMapping) -> torch.Tensor:
     Trilinear (a product of 1D linear interpolations) at the model index of each scan voxel centre,
     zeros outside the model grid. Peak memory: the output plus the intermediate with two axes done
     plus one slab.
+
+    The result is laid out in NIfTI's on-disk order (first axis fastest: strides of a Fortran
+    array, ``result.permute(2, 1, 0)`` is contiguous), so writing it to a file needs no transposing
+    copy; indexing it is unaffected.
     """
-    t = model_map.to(torch.float32).permute(*mapping.source_axis)  # axis c now runs along scan axis c
+    rank = model_map.dim()
+    rev = tuple(reversed(range(rank)))
+    # work on the reversed axes so the output is C-contiguous there = Fortran order on (X, Y, Z)
+    t = model_map.to(torch.float32).permute(*mapping.source_axis).permute(*rev)
+    shape = tuple(reversed(mapping.scan_shape))
     dev = t.device
-    rank = t.ndim
     taps = [
-        _taps(mapping.scale[c], mapping.offset[c], mapping.scan_shape[c], int(t.shape[c]), dev)
-        for c in range(rank)
+        _taps(mapping.scale[c], mapping.offset[c], mapping.scan_shape[c], int(t.shape[rank - 1 - c]), dev)
+        for c in rev
     ]
     # interpolate the least-magnified axes first; the last axis is written in slabs
-    order = sorted(range(rank), key=lambda c: mapping.scan_shape[c] / max(int(t.shape[c]), 1))
+    order = sorted(range(rank), key=lambda c: shape[c] / max(int(t.shape[c]), 1))
     for c in order[:-1]:
         t = _interp(t, c, taps[c])
     last = order[-1]
-    out = torch.empty(mapping.scan_shape, dtype=torch.float32, device=dev)
+    out = torch.empty(shape, dtype=torch.float32, device=dev)
     slab_axis = order[0] if rank > 1 else last
     per_index = max(1, out.numel() // max(out.shape[slab_axis], 1))
     step = max(1, _SLAB_ELEMENTS // per_index)
@@ -198,7 +205,7 @@ def resample_one(model_map: torch.Tensor, mapping: AxisMapping) -> torch.Tensor:
             break
         dst = out.narrow(slab_axis, s, n)
         dst.copy_(_interp(src, last, taps[last]))
-    return out.clamp_(min=0)
+    return out.clamp_(min=0).permute(*rev)
 
 
 def iter_resampled(maps: torch.Tensor, mapping: AxisMapping) -> Iterator[torch.Tensor]:

@@ -97,4 +97,5 @@ def save_heat_layer(
     if not out_dir or not str(out_dir).strip():
         raise ExportError("No output folder given; choose a folder to save the map into.")
     expl = explanation_from_layer(layer)
-    return save_nifti(expl, out_dir, stem, overwrite=overwrite, source_paths=source_paths)
+    # one file saved by hand: the exact float32 values (the cohort CLI defaults to uint16)
+    return save_nifti(expl, out_dir, stem, overwrite=overwrite, source_paths=source_paths, storage="float32")
