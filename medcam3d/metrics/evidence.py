@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medcam3d.metrics._validate import as_map
+from medcam3d.metrics._validate import as_map, map_range
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def evidence_balance(raw: Any, logit: float, shown_map: Any) -> EvidenceBalance:
         :class:`EvidenceBalance` with plain Python numbers.
     """
     r = as_map(raw, "raw").astype(np.float64)
-    m = as_map(shown_map, "shown_map")
+    _, shown_max = map_range(shown_map, "shown_map")  # only "any voxel > 0" is needed: no copy
     total = float(r.sum())
     logit = float(logit)
     bias = logit - total
@@ -69,5 +69,5 @@ def evidence_balance(raw: Any, logit: float, shown_map: Any) -> EvidenceBalance:
         positive_evidence=float(np.maximum(r, 0.0).sum()),
         bias_part=bias,
         bias_share=(bias / logit) if logit != 0.0 else float("nan"),
-        no_positive_evidence=not bool((m > 0).any()),
+        no_positive_evidence=not shown_max > 0,
     )
