@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from medcam3d.errors import InputError, VolumeLoadError
-from medcam3d.metrics.peak import first_max_index
 
 #: Pointing-game tolerance (mm): a peak this close to the mask counts as a hit.
 POINTING_TOLERANCE_MM = 10.0
@@ -93,6 +92,8 @@ def load_mask(path: Path, volume: Any) -> np.ndarray:
 def _peak_mm(m: np.ndarray, affine: np.ndarray) -> list[float] | None:
     if not (m > 0).any():
         return None
+    from medcam3d.metrics.peak import first_max_index  # medcam3d.metrics imports torch: not at start-up
+
     ijk = first_max_index(m)
     return [round(float(v), 2) for v in (affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3])]
 
