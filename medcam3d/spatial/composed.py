@@ -191,8 +191,13 @@ def resample_one(model_map: torch.Tensor, mapping: AxisMapping) -> torch.Tensor:
         _weights(mapping.scale[c], mapping.offset[c], mapping.scan_shape[c], int(t.shape[rank - 1 - c]), dev)
         for c in rev
     ]
+    t = t.contiguous()
     for j in range(rank - 1):  # the slower axes, on tensors smaller than the output
-        t = torch.matmul(t.movedim(j, -1), mats[j].T).movedim(-1, j)
+        # (B, n_j, R) -> (B, N_j, R) as one broadcast matmul on contiguous operands (a batched
+        # matmul over a strided view was measured 20x slower)
+        shape = t.shape
+        b, r = math.prod(shape[:j]), math.prod(shape[j + 1:])
+        t = torch.matmul(mats[j], t.reshape(b, shape[j], r)).reshape(*shape[:j], mats[j].shape[0], *shape[j + 1:])
     out = torch.empty(tuple(reversed(mapping.scan_shape)), dtype=torch.float32, device=dev)
     torch.matmul(t, mats[rank - 1].T, out=out)  # the fastest axis, written in place
     return out.clamp_(min=0).permute(*rev)
