@@ -90,7 +90,7 @@ def load_mask(path: Path, volume: Any) -> np.ndarray:
 
 
 def _peak_mm(m: np.ndarray, affine: np.ndarray) -> list[float] | None:
-    if not (m > 0).any():
+    if not m.max() > 0:  # a reduction, no boolean copy of a full-size map
         return None
     from medcam3d.metrics.peak import first_max_index  # medcam3d.metrics imports torch: not at start-up
 
@@ -110,7 +110,7 @@ def class_extras(m: Any, affine: Any, mask: np.ndarray | None) -> dict[str, Any]
 
     m = _np(m)
     affine = _np(affine).astype(np.float64)
-    empty = not (m > 0).any()
+    empty = not m.max() > 0
     out: dict[str, Any] = {"peak_mm": _peak_mm(m, affine), "positive": not empty}
     if mask is None:
         return out

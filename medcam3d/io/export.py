@@ -61,7 +61,7 @@ def _to_numpy(maps: Any) -> np.ndarray:
     return np.asarray(maps, dtype=np.float32)
 
 
-def quantise_uint16(data: np.ndarray) -> tuple[np.ndarray, float]:
+def quantise_uint16(data: np.ndarray, value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, float]:
     """Non-negative float map -> (uint16 array, scl_slope) with ``data ~= stored * scl_slope``.
 
     ``scl_slope`` = ``max(data) / 65535`` rounded up to the next float32 (the header field is
@@ -70,12 +70,16 @@ def quantise_uint16(data: np.ndarray) -> tuple[np.ndarray, float]:
     standard, applied by nibabel, ITK/SimpleITK, 3D Slicer, ITK-SNAP) is within ``scl_slope / 2`` of
     the map's value: at most 7.63e-6 of the map's maximum (``max / 131070`` up to float32 rounding
     of the slope). The array keeps ``data``'s memory order (a Fortran-ordered map stays one).
+    ``value_range``: ``(data.min(), data.max())`` when the caller already has them.
 
     Raises:
         ExportError: negative or non-finite values (maps are ReLU'd and finite).
     """
     data = np.asarray(data, dtype=np.float32)
-    vmin, vmax = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if value_range is not None:
+        vmin, vmax = float(value_range[0]), float(value_range[1])
+    else:
+        vmin, vmax = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
     if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmin < 0:  # a NaN makes min/max NaN
         raise ExportError("uint16 storage needs finite, non-negative maps; use storage='float32'.")
     slope = np.float32(vmax / 65535.0) if vmax > 0 else np.float32(1.0)
@@ -178,8 +182,10 @@ def build_nifti(
         raise ExportError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}.")
     data = np.asarray(data, dtype=np.float32)
     stored = data
+    # the map's range: cal_min/cal_max, and the scale of uint16 storage (one pass each, not two)
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
     if storage == "uint16":
-        stored, slope = quantise_uint16(data)
+        stored, slope = quantise_uint16(data, value_range=(lo, hi))
         img = nib.Nifti1Image(stored, affine)
         img.header.set_data_dtype(np.uint16)
         img.header.set_slope_inter(slope, 0.0)
@@ -193,7 +199,6 @@ def build_nifti(
         # a sheared affine (e.g. gantry tilt) has no exact quaternion form: keep it in the sform only
         img.set_qform(affine, code=0)
     hdr.set_xyzt_units("mm", "unknown")
-    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):  # rare: only then pay for a masked copy
         finite = data[np.isfinite(data)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
