@@ -445,3 +445,29 @@ def test_killed_run_leaves_no_lock_and_its_leftovers_are_cleaned(tmp_path):
     assert "removed 1 temporary file(s) left by an interrupted run" in done.stderr
     assert [(r["case_id"], r["status"]) for r in _manifest(out)] == [("k0", "ok"), ("k1", "ok")]
     assert not part.exists() and not (out / ".medcam3d-run.json").exists()
+
+
+def test_first_methods_montage_failing_in_the_background_fails_the_whole_case(tmp_path, monkeypatch):
+    """Montages are drawn in a background thread while the next method's maps are written: a failure
+    there still fails the case, and nothing of either method (maps, PNGs, marker) is left."""
+    from matplotlib.figure import Figure
+
+    cfg = write_config(tmp_path / "cfg", output={"montage": True}, methods=["hirescam", "gradcam"])
+    scan = write_scan(tmp_path / "in" / "s.nii.gz")
+    out = tmp_path / "out"
+    calls: list[str] = []
+    real = Figure.savefig
+
+    def savefig(self, path, **kwargs):
+        calls.append(str(path))
+        if len(calls) == 1:  # the first method's PNG
+            Path(path).write_bytes(b"")
+            _enospc()
+        return real(self, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert _run("--config", cfg, "--input", scan, "--output", out, "--quiet") == 1
+    rows = _manifest(out)
+    assert {r["status"] for r in rows} == {"failed"} and {r["method"] for r in rows} == {"hirescam", "gradcam"}
+    assert "No space left on device" in rows[0]["error"]
+    assert not (out / "s").exists() and _temp_files(out) == []
