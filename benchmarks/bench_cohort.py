@@ -7,6 +7,8 @@ cases are copies (symlinks) of one scan under different names. Rows are interlea
 and the median is printed (the machine may be shared: compare ratios, not seconds). A second
 estimate, ``stages``, is the median over the measured cases of a case's stage seconds from the
 manifest (less sensitive to noise in the whole-run times; it leaves out hashing and bookkeeping).
+Stage seconds are each stage's work: the montage is drawn in a background thread while the next
+method's maps are written, so ``stages`` can exceed the wall time per case.
 
 Rows per (config, scan): the floor; the CLI as shipped (uint16 maps); ``output.storage: float32``;
 uint16 on a 2 mm world-aligned grid (``output.spacing_mm: 2``); and the CLI with MONAI's
