@@ -69,7 +69,8 @@ def quantise_uint16(data: np.ndarray, value_range: tuple[float, float] | None = 
     so zeros stay exactly zero and every value a reader gets back (``stored * scl_slope``, NIfTI-1
     standard, applied by nibabel, ITK/SimpleITK, 3D Slicer, ITK-SNAP) is within ``scl_slope / 2`` of
     the map's value: at most 7.63e-6 of the map's maximum (``max / 131070`` up to float32 rounding
-    of the slope). The array keeps ``data``'s memory order (a Fortran-ordered map stays one).
+    of the slope; for a 4D array of several classes, of the largest class's maximum). The array
+    keeps ``data``'s memory order when that is C or Fortran order, else it is Fortran-ordered.
     ``value_range``: ``(data.min(), data.max())`` when the caller already has them.
 
     Raises:
@@ -85,10 +86,10 @@ def quantise_uint16(data: np.ndarray, value_range: tuple[float, float] | None = 
     slope = np.float32(vmax / 65535.0) if vmax > 0 else np.float32(1.0)
     while float(slope) * 65535.0 < vmax:  # round up: the maximum must fit in 65535
         slope = np.nextafter(slope, np.float32(np.inf))
-    out = np.empty_like(data, dtype=np.uint16)  # same memory order as data
-    if not (out.flags.c_contiguous or out.flags.f_contiguous):  # pragma: no cover - numpy gives one
-        out = np.empty(data.shape, dtype=np.uint16)
-    src, dst = data.ravel(order="K"), out.ravel(order="K")  # views: both are contiguous
+    if not (data.flags.c_contiguous or data.flags.f_contiguous):  # e.g. np.stack of Fortran maps
+        data = np.asfortranarray(data)  # NIfTI's order; then data and out walk memory alike
+    out = np.empty_like(data, dtype=np.uint16)  # the same (C or Fortran) order as data
+    src, dst = data.ravel(order="K"), out.ravel(order="K")  # views, element i of one is element i of the other
     inv = 1.0 / float(slope)
     step = 1 << 22  # float64 temporaries of 32 MB
     for a in range(0, src.size, step):
@@ -492,7 +493,8 @@ def save_nifti(
         source_paths: input files that must never be overwritten (the volume's own
             ``meta['filename_or_obj']`` is always protected).
         storage: "uint16" (default: ``scl_slope`` = max/65535, zeros and the maximum exact, every
-            value within 7.6e-6 of the map's maximum, see :func:`quantise_uint16`; half the bytes
+            value within 7.6e-6 of the map's maximum (in the ``four_d`` file, which shares one
+            slope, of the largest class maximum), see :func:`quantise_uint16`; half the bytes
             of float32 and far below one step of any viewer's colour table) or "float32" (the
             values exactly as computed).
         threads: compress up to this many class files at once in threads.
