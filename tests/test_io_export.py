@@ -222,6 +222,15 @@ def test_failure_while_writing_leaves_nothing(ct, tmp_path, monkeypatch):
     assert files_under(tmp_path) == []
 
 
+def test_map_files_get_ordinary_file_permissions(ct, tmp_path):
+    """Like the PNGs and the manifest (open() under the umask), not mkstemp's owner-only 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    paths = save_nifti(make_expl(ct), tmp_path / "out")
+    want = 0o666 & ~mask
+    assert {p.stat().st_mode & 0o777 for p in paths} == {want}
+
+
 def test_bad_arguments(ct, tmp_path):
     with pytest.raises(ExportError, match="class name"):
         save_nifti(make_expl(ct), tmp_path, class_names=["only-one"])

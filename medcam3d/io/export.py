@@ -311,10 +311,25 @@ def save_image(img: Any, path: str | os.PathLike[str]) -> None:
     nib.save(img, path)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # read once, at import (single-threaded): umask has no read-only call
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def _temp_path(target: Path, suffix: str) -> str:
-    """A new hidden file next to ``target`` (same filesystem, so renames are atomic)."""
+    """A new hidden file next to ``target`` (same filesystem, so renames are atomic), with the
+    permissions of an ordinary new file (``0o666 & ~umask``, e.g. 0644) instead of mkstemp's 0600,
+    so maps in a shared cohort folder are readable like its PNGs and manifest."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-    os.close(fd)
+    try:
+        if hasattr(os, "fchmod"):  # POSIX (Windows files have no such mode bits)
+            os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
     return tmp
 
 
