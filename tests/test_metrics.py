@@ -342,3 +342,31 @@ def test_first_max_index_is_numpys_c_order_argmax_for_every_memory_layout():
             assert first_max_index(b) == want
     with pytest.raises(ValueError, match="empty"):
         first_max_index(np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_scores_evaluated_in_chunks_equal_their_whole_array_definitions(order, monkeypatch):
+    """mass_in_mask and fraction_inside_allowed run their float64 formulas chunk by chunk (a
+    full-size float32 map is never copied whole to float64); with many small chunks and both memory
+    orders they equal the definitions evaluated on the whole float64 array."""
+    import medcam3d.metrics._validate as validate
+
+    monkeypatch.setattr(validate, "CHUNK", 97)  # many chunks, none aligned to a row
+    rng = np.random.default_rng(11)
+    s = np.asarray(rng.normal(size=(13, 11, 7)).astype(np.float32), order=order)
+    m = np.asarray(rng.random((13, 11, 7)) < 0.2, order="C")
+    s64 = s.astype(np.float64)
+    pos = np.maximum(s64, 0.0)
+    assert mass_in_mask(s, m) == pytest.approx(pos[m].sum() / pos.sum(), rel=1e-12)
+    n = pos - pos.min()
+    n /= n.max()
+    for thr in (0.1, 0.5, 0.9):
+        sel = n > thr
+        want = np.count_nonzero(sel & m) / np.count_nonzero(sel)
+        assert fraction_inside_allowed(s, m, threshold=thr) == pytest.approx(want, rel=1e-12)
+        want_w = n[sel & m].sum() / n[sel].sum()
+        assert fraction_inside_allowed(s, m, threshold=thr, weighted=True) == pytest.approx(want_w, rel=1e-12)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        bad = s.copy()
+        bad[3, 2, 1] = np.nan
+        mass_in_mask(bad, m)

@@ -55,6 +55,28 @@ def map_range(x: object, name: str = "saliency") -> tuple[float, float]:
     return lo, hi
 
 
+def as_map_view(x: object, name: str = "saliency") -> np.ndarray:
+    """The map as a validated numpy array WITHOUT a float64 copy (for full-size maps: a
+    512x512x384 float32 map is 400 MB, its float64 copy 800 MB). Same checks as :func:`as_map`
+    (real numeric, rank >= 1, non-empty, finite via :func:`map_range`); the dtype is kept."""
+    map_range(x, name)
+    return to_numpy(x, name)
+
+
+CHUNK = 1 << 22  # elements per float64 chunk in :func:`chunks` (32 MB)
+
+
+def chunks(a: np.ndarray, *others: np.ndarray):
+    """Aligned float64 chunks of ``a`` and the matching chunks of ``others`` (same shape), walked in
+    ``a``'s memory order (Fortran for a Fortran-ordered map, else C): how the scores below evaluate
+    their float64 formulas on a full-size map holding only one 32 MB chunk of float64 at a time."""
+    order = "F" if (a.flags.f_contiguous and not a.flags.c_contiguous) else "C"
+    flat = a.ravel(order=order)
+    rest = [np.asarray(o).ravel(order=order) for o in others]
+    for i in range(0, flat.size, CHUNK):
+        yield (flat[i:i + CHUNK].astype(np.float64), *[r[i:i + CHUNK] for r in rest])
+
+
 def as_mask(x: object, shape: tuple[int, ...], name: str = "mask", nonempty: bool = True) -> np.ndarray:
     """A boolean mask of exactly ``shape`` from bool or 0/1 numeric input."""
     a = to_numpy(x, name)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medcam3d.metrics._validate import ArrayLike, as_map, as_mask, as_number, as_spacing
+from medcam3d.metrics._validate import ArrayLike, as_map, as_map_view, as_mask, as_number, as_spacing, chunks
 from medcam3d.metrics.peak import first_max_index
 
 
@@ -25,7 +25,7 @@ def pointing_game(saliency: ArrayLike, mask: ArrayLike, spacing: Sequence[float]
     centres in mm; ``spacing=None`` = 1 per axis, i.e. voxels). A flat map (max == min) has no peak
     and is a miss. The mask must be non-empty.
     """
-    s = as_map(saliency)
+    s = as_map_view(saliency)  # only compared, never computed with: no float64 copy
     m = as_mask(mask, s.shape)
     sp = as_spacing(spacing, s.ndim)
     tol = as_number(tolerance_mm, "tolerance_mm", low=0.0)
@@ -53,13 +53,16 @@ def mass_in_mask(saliency: ArrayLike, mask: ArrayLike) -> float:
     Definition: sum(relu(s)[mask]) / sum(relu(s)). Negative values carry no mass. Returns NaN when
     the map has no positive value (0/0: the map attributes nothing). The mask must be non-empty.
     """
-    s = as_map(saliency)
+    s = as_map_view(saliency)
     m = as_mask(mask, s.shape)
-    pos = np.maximum(s, 0.0)
-    total = pos.sum()
+    total = inside = 0.0
+    for c, mc in chunks(s, m):  # float64, one chunk at a time (full-size maps: no 2x copy)
+        np.maximum(c, 0.0, out=c)
+        total += float(c.sum())
+        inside += float(c[mc].sum())
     if total <= 0.0:
         return float("nan")
-    return float(pos[m].sum() / total)
+    return float(inside / total)
 
 
 def fraction_inside_allowed(saliency: ArrayLike, allowed: ArrayLike, threshold: float = 0.5,
@@ -74,20 +77,25 @@ def fraction_inside_allowed(saliency: ArrayLike, allowed: ArrayLike, threshold: 
     threshold above every value). Draelos tuned ``threshold`` per class on validation data
     (0.004–0.98); 0.5 = the half-maximum region. The allowed region must be non-empty.
     """
-    s = as_map(saliency)
+    s = as_map_view(saliency)
     m = as_mask(allowed, s.shape, name="allowed")
     thr = as_number(threshold, "threshold", 0.0, 1.0, high_open=True)
-    n = np.maximum(s, 0.0)
-    n -= n.min()
-    top = n.max()
+    low = max(float(s.min()), 0.0)  # min(relu(s)), exact
+    top = max(float(s.max()), 0.0) - low  # max(n)
     if top <= 0.0:
         return float("nan")
-    n /= top
-    sel = n > thr
-    if weighted:
-        a, b = float(n[sel & m].sum()), float(n[sel & ~m].sum())
-    else:
-        a, b = float(np.count_nonzero(sel & m)), float(np.count_nonzero(sel & ~m))
+    a = b = 0.0
+    for n, mc in chunks(s, m):  # n = (relu(s) - min) / max(n) in float64, one chunk at a time
+        np.maximum(n, 0.0, out=n)
+        n -= low
+        n /= top
+        sel = n > thr
+        if weighted:
+            a += float(n[sel & mc].sum())
+            b += float(n[sel & ~mc].sum())
+        else:
+            a += float(np.count_nonzero(sel & mc))
+            b += float(np.count_nonzero(sel & ~mc))
     if a + b == 0.0:
         return float("nan")
     return a / (a + b)
