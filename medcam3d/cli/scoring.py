@@ -89,9 +89,7 @@ def load_mask(path: Path, volume: Any) -> np.ndarray:
     return m > 0
 
 
-def _peak_mm(m: np.ndarray, affine: np.ndarray) -> list[float] | None:
-    if not m.max() > 0:  # a reduction, no boolean copy of a full-size map
-        return None
+def _peak_mm(m: np.ndarray, affine: np.ndarray) -> list[float]:
     from medcam3d.metrics.peak import first_max_index  # medcam3d.metrics imports torch: not at start-up
 
     ijk = first_max_index(m)
@@ -110,8 +108,8 @@ def class_extras(m: Any, affine: Any, mask: np.ndarray | None) -> dict[str, Any]
 
     m = _np(m)
     affine = _np(affine).astype(np.float64)
-    empty = not m.max() > 0
-    out: dict[str, Any] = {"peak_mm": _peak_mm(m, affine), "positive": not empty}
+    empty = not m.max() > 0  # a reduction, no boolean copy of a full-size map
+    out: dict[str, Any] = {"peak_mm": None if empty else _peak_mm(m, affine), "positive": not empty}
     if mask is None:
         return out
     if not mask.any():  # no lesion in this case: no localisation score is defined

@@ -27,40 +27,44 @@ def to_numpy(x: object, name: str) -> np.ndarray:
     raise InputError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def as_map(x: object, name: str = "saliency") -> np.ndarray:
-    """A finite, real, non-empty float64 map of any rank >= 1."""
+def _real_array(x: object, name: str) -> np.ndarray:
+    """``x`` as a numpy array of real numbers, rank >= 1, non-empty (no copy, dtype kept)."""
     a = to_numpy(x, name)
     if a.dtype.kind not in "biuf":
         raise InputError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     if a.ndim < 1 or a.size == 0:
         raise InputError(f"{name} must be a non-empty array with at least one dimension, got shape {a.shape}")
-    a = a.astype(np.float64, copy=False)
-    if not np.isfinite(a).all():
-        raise InputError(f"{name} contains NaN or infinite values; fix the map before scoring it")
     return a
 
 
-def map_range(x: object, name: str = "saliency") -> tuple[float, float]:
-    """(min, max) of a finite, real, non-empty map, checked without copying it (a full-size map on
-    a thin-slice scan is 400 MB in float32; :func:`as_map` would make an 800 MB float64 copy).
-    A NaN or an infinity makes the minimum or the maximum non-finite, so two reductions check all."""
-    a = to_numpy(x, name)
-    if a.dtype.kind not in "biuf":
-        raise InputError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    if a.ndim < 1 or a.size == 0:
-        raise InputError(f"{name} must be a non-empty array with at least one dimension, got shape {a.shape}")
+def _not_finite(name: str) -> InputError:
+    return InputError(f"{name} contains NaN or infinite values; fix the map before scoring it")
+
+
+def as_map(x: object, name: str = "saliency") -> np.ndarray:
+    """A finite, real, non-empty float64 map of any rank >= 1."""
+    a = _real_array(x, name).astype(np.float64, copy=False)
+    if not np.isfinite(a).all():
+        raise _not_finite(name)
+    return a
+
+
+def checked_map(x: object, name: str = "saliency") -> tuple[np.ndarray, float, float]:
+    """(map, min, max) of a finite, real, non-empty map, checked WITHOUT a float64 copy (a
+    full-size map on a thin-slice scan is 400 MB in float32; :func:`as_map` would copy it to
+    800 MB). The map keeps its dtype. A NaN or an infinity makes the minimum or the maximum
+    non-finite, so the two reductions check every value."""
+    a = _real_array(x, name)
     lo, hi = float(a.min()), float(a.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise InputError(f"{name} contains NaN or infinite values; fix the map before scoring it")
+        raise _not_finite(name)
+    return a, lo, hi
+
+
+def map_range(x: object, name: str = "saliency") -> tuple[float, float]:
+    """(min, max) of a finite, real, non-empty map (:func:`checked_map` without the array)."""
+    _, lo, hi = checked_map(x, name)
     return lo, hi
-
-
-def as_map_view(x: object, name: str = "saliency") -> np.ndarray:
-    """The map as a validated numpy array WITHOUT a float64 copy (for full-size maps: a
-    512x512x384 float32 map is 400 MB, its float64 copy 800 MB). Same checks as :func:`as_map`
-    (real numeric, rank >= 1, non-empty, finite via :func:`map_range`); the dtype is kept."""
-    map_range(x, name)
-    return to_numpy(x, name)
 
 
 CHUNK = 1 << 22  # elements per float64 chunk in :func:`chunks` (32 MB)

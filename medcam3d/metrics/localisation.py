@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medcam3d.metrics._validate import ArrayLike, as_map, as_map_view, as_mask, as_number, as_spacing, chunks
+from medcam3d.metrics._validate import ArrayLike, as_map, as_mask, as_number, as_spacing, checked_map, chunks
 from medcam3d.metrics.peak import first_max_index
 
 
@@ -25,11 +25,11 @@ def pointing_game(saliency: ArrayLike, mask: ArrayLike, spacing: Sequence[float]
     centres in mm; ``spacing=None`` = 1 per axis, i.e. voxels). A flat map (max == min) has no peak
     and is a miss. The mask must be non-empty.
     """
-    s = as_map_view(saliency)  # only compared, never computed with: no float64 copy
+    s, lo, hi = checked_map(saliency)  # only compared, never computed with: no float64 copy
     m = as_mask(mask, s.shape)
     sp = as_spacing(spacing, s.ndim)
     tol = as_number(tolerance_mm, "tolerance_mm", low=0.0)
-    if s.max() == s.min():
+    if hi == lo:
         return False
     p = first_max_index(s)
     if m[p]:
@@ -53,7 +53,7 @@ def mass_in_mask(saliency: ArrayLike, mask: ArrayLike) -> float:
     Definition: sum(relu(s)[mask]) / sum(relu(s)). Negative values carry no mass. Returns NaN when
     the map has no positive value (0/0: the map attributes nothing). The mask must be non-empty.
     """
-    s = as_map_view(saliency)
+    s, _, _ = checked_map(saliency)
     m = as_mask(mask, s.shape)
     total = inside = 0.0
     for c, mc in chunks(s, m):  # float64, one chunk at a time (full-size maps: no 2x copy)
@@ -77,11 +77,11 @@ def fraction_inside_allowed(saliency: ArrayLike, allowed: ArrayLike, threshold: 
     threshold above every value). Draelos tuned ``threshold`` per class on validation data
     (0.004–0.98); 0.5 = the half-maximum region. The allowed region must be non-empty.
     """
-    s = as_map_view(saliency)
+    s, lo, hi = checked_map(saliency)
     m = as_mask(allowed, s.shape, name="allowed")
     thr = as_number(threshold, "threshold", 0.0, 1.0, high_open=True)
-    low = max(float(s.min()), 0.0)  # min(relu(s)), exact
-    top = max(float(s.max()), 0.0) - low  # max(n)
+    low = max(lo, 0.0)  # min(relu(s)), exact
+    top = max(hi, 0.0) - low  # max(n)
     if top <= 0.0:
         return float("nan")
     a = b = 0.0

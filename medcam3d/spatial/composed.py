@@ -23,9 +23,10 @@ When the mapping is axis-aligned (each scan axis feeds exactly one model axis: a
 Spacing, crop or pad of a scan, oblique ones included, because Spacing keeps the scan's directions),
 trilinear sampling is a product of three 1D linear interpolations, done axis by axis in float32 on
 the maps' device as matrix products, the last one written straight into the output, so one class
-needs one full-size output plus a smaller intermediate. Anything else (a step outside :data:`COMPOSABLE`, a record from a different Compose, a
-non-axis-aligned composition, lazy steps) returns ``None`` from :func:`composed_mapping` and the
-caller falls back to MONAI's inverse: never a guess.
+needs one full-size output plus a smaller intermediate. Anything else (a step outside
+:data:`COMPOSABLE`, a record from a different Compose, a non-axis-aligned composition, lazy steps)
+returns ``None`` from :func:`composed_mapping` and the caller falls back to MONAI's inverse: never a
+guess.
 """
 
 from __future__ import annotations
