@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medcam3d.errors import InputError
+from medcam3d.filenames import NIFTI_SUFFIXES, nifti_stem
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Names in the output folder that belong to the run, not to a case (compared in lower case).
 RESERVED_IDS = ("manifest.csv", "manifest.jsonl", "summary.csv")
 CSV_COLUMNS = ("path", "case_id", "mask", "series_uid", "allow_non_ct")
@@ -71,15 +71,6 @@ def sanitize_case_id(name: str) -> str:
     s = re.sub(r"\.{2,}", "_", s)
     s = s.strip("._-")[:96].strip("._-")
     return s or "case"
-
-
-def nifti_stem(path: Path) -> str:
-    """The file name without its ``.nii``/``.nii.gz`` suffix (the name as is otherwise)."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _is_dicom(path: Path) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medcam3d.cli.inputs import nifti_stem as _stem
+from medcam3d.filenames import nifti_stem as _stem
 
 
 def _is_label(path: Path) -> list[int] | None:

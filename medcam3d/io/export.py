@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcam3d.errors import ExportError, OutputExistsError
+from medcam3d.filenames import NIFTI_SUFFIXES, nifti_stem
 from medcam3d.io.affine import ras_affine, to_numpy_affine
 from medcam3d.io.reslice import RESLICED_SUFFIX, is_sheared, reslice_orthogonal, shear_degrees
 from medcam3d.io.xform import SourceXforms, source_xforms
@@ -456,9 +457,6 @@ def _evidence(expl: Any, i: int, logit: float | None, shown: Any = None) -> dict
             "no_positive_evidence": bal.no_positive_evidence, "flag": bal.flag()}
 
 
-NIFTI_FILE_SUFFIXES = (".nii", ".nii.gz")
-
-
 def _scan_stem(meta: dict[str, Any]) -> str:
     """File-name stem of the scan the maps sit on (``meta['filename_or_obj']``), else DEFAULT_STEM."""
     src = meta.get("filename_or_obj")
@@ -466,11 +464,7 @@ def _scan_stem(meta: dict[str, Any]) -> str:
         src = src[0] if len(src) == 1 else None
     if not isinstance(src, (str, os.PathLike)) or not str(src):
         return DEFAULT_STEM
-    name = Path(str(src)).name
-    for suffix in NIFTI_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name  # a DICOM series folder's name
+    return nifti_stem(str(src))  # a DICOM series folder's name as it is
 
 
 def save_nifti(
@@ -557,7 +551,7 @@ def save_nifti(
     layer = str(getattr(expl, "target_layer", "") or "")
     method = sanitize_name(method_raw, "map")
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    single = out.name.lower().endswith(NIFTI_FILE_SUFFIXES)  # "out/map.nii.gz" names a file
+    single = out.name.lower().endswith(NIFTI_SUFFIXES)  # "out/map.nii.gz" names a file
     if single and (k != 1 or four_d):
         raise ExportError(
             f"{str(out_dir)!r} names one NIfTI file but the explanation holds {k} map(s)"

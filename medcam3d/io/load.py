@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from medcam3d.errors import VolumeLoadError
+from medcam3d.filenames import NIFTI_SUFFIXES
 
 from .dicom import read_dicom_series
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # free-text NIfTI header fields that may carry anything (converters sometimes put names there)
 _DROP_NIFTI_KEYS = ("descrip", "aux_file", "intent_name", "db_name", "data_type", "magic")
 

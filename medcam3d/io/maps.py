@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from medcam3d.errors import VolumeLoadError
+from medcam3d.filenames import NIFTI_SUFFIXES
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAP_MARK = b"medcam3d"
 
 

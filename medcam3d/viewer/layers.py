@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,11 +100,9 @@ def _plain_meta(tensor: Any) -> dict[str, Any]:
 def _scan_name(volume: Any, default: str = "CT") -> str:
     src = (getattr(volume, "meta", None) or {}).get("filename_or_obj")
     if isinstance(src, (str, os.PathLike)) and str(src):
-        name = Path(src).name
-        for suffix in (".nii.gz", ".nii"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        from medcam3d.filenames import nifti_stem
+
+        return nifti_stem(src)
     return default
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from medcam3d.filenames import NIFTI_SUFFIXES, nifti_stem
 from medcam3d.io.maps import MAP_MARK
 from medcam3d.viewer.layers import LayerData, ct_layer_data, heat_layer_data, mask_layer_data
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DICOM_PROBE = 20  # files looked at to decide whether a folder holds DICOM
 
 
@@ -79,16 +79,8 @@ def read_one(path: Path) -> list[LayerData]:
     from medcam3d.io.labels import label_values
 
     if label_values(volume) is not None:  # a mask / segmentation: outlined labels, not a CT
-        return [mask_layer_data(volume, _stem(path), volume)]
+        return [mask_layer_data(volume, nifti_stem(path), volume)]
     return [ct_layer_data(volume)]
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _nifti_header(path: Path) -> Any:
