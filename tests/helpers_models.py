@@ -143,3 +143,18 @@ class ClinicalNet(TinyNet):
         if clinical is None:
             raise TypeError("ClinicalNet.forward() needs the keyword input 'clinical'")
         return super().forward(x) + 2.0 * clinical.to(x.dtype)
+
+
+def run_explain(*argv: Any) -> int:
+    """``medcam3d explain ARGV...`` in this process; the exit code."""
+    from medcam3d.cli.main import main
+
+    return main(["explain", *map(str, argv)])
+
+
+def read_manifest(out: Path) -> list[dict]:
+    """The rows of ``out/manifest.csv`` as dicts of strings."""
+    import csv
+
+    with open(out / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))

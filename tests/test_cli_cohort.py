@@ -19,19 +19,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers_models import write_config, write_scan
-from medcam3d.cli.main import main
+from helpers_models import read_manifest as _manifest, run_explain as _run, write_config, write_scan
 
 DICOM_DIR = Path(__file__).parent / "data" / "totalseg" / "example_ct_dicom"
-
-
-def _run(*argv) -> int:
-    return main(["explain", *map(str, argv)])
-
-
-def _manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _map(out: Path, case: str) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -12,20 +11,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers_models import AFFINE, write_config, write_mask, write_scan
+from helpers_models import (
+    AFFINE,
+    read_manifest as _manifest,
+    run_explain as _run,
+    write_config,
+    write_mask,
+    write_scan,
+)
 from medcam3d.cli.inputs import collect_cases
-from medcam3d.cli.main import main
 
 DICOM_DIR = Path(__file__).parent / "data" / "totalseg" / "example_ct_dicom"
-
-
-def _run(*argv) -> int:
-    return main(["explain", *map(str, argv)])
-
-
-def _manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture()

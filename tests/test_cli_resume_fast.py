@@ -3,7 +3,6 @@ fingerprint it computes from files alone is the full path's (RunConfig.fingerpri
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -14,8 +13,13 @@ import torch
 import yaml
 
 import medcam3d.config.models as config_models
-from helpers_models import config_dict, write_checkpoint, write_scan
-from medcam3d.cli.main import main
+from helpers_models import (
+    config_dict,
+    read_manifest as _rows,
+    run_explain as _run,
+    write_checkpoint,
+    write_scan,
+)
 from medcam3d.config import load_run_config
 from medcam3d.config.digest import config_digest
 from medcam3d.errors import ConfigError
@@ -52,15 +56,6 @@ def _file_config(folder: Path, name: str = "run.yaml", **overrides) -> Path:
                               "checkpoint": "tiny.pt"}, **overrides)
     (folder / name).write_text(yaml.safe_dump(data, sort_keys=False))
     return folder / name
-
-
-def _run(*argv) -> int:
-    return main(["explain", *map(str, argv)])
-
-
-def _rows(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture()

@@ -4,15 +4,13 @@ readers (nibabel, SimpleITK) within its documented error."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers_models import config_dict, write_config, write_scan
+from helpers_models import config_dict, read_manifest as _manifest, write_config, write_scan
 from spatial_models import CHAIN, BlobModel
 from test_spatial_world import _write_case
 
@@ -21,11 +19,6 @@ from medcam3d.cli.main import main
 from medcam3d.cli.manifest import STAGE_COLUMNS
 from medcam3d.errors import ExportError
 from medcam3d.io.export import quantise_uint16
-
-
-def _manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_manifest_rows_carry_stage_seconds_and_bytes(tmp_path, capsys):
