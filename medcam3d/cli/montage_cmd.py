@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medcam3d.errors import InputError
+from medcam3d.filenames import NIFTI_SUFFIXES
 
 
 @dataclass
@@ -69,7 +70,7 @@ def rerender(out_dir: str | Path, window: tuple[float, float], cases: list[str] 
     for r in rows:
         label = f"{r['case_id']}/{r['method']}"
         try:
-            maps = [out / f for f in r.get("outputs") or [] if f.endswith((".nii", ".nii.gz"))
+            maps = [out / f for f in r.get("outputs") or [] if f.endswith(NIFTI_SUFFIXES)
                     and "all-classes" not in f]
             if not maps:
                 raise InputError("the manifest lists no map files for it")

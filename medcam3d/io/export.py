@@ -4,7 +4,8 @@ Each map file holds 16-bit integers with ``scl_slope`` (every value within 7.6e-
 maximum, see :func:`quantise_uint16`), or float32 on request. A map on a NIfTI scan's own grid
 carries that scan's qform and sform header fields verbatim (:mod:`medcam3d.io.xform`), any other map
 its RAS affine in both qform and sform (codes from meta, else 1); ``cal_min``/``cal_max`` set to the
-map's range, a short ``descrip`` and a JSON comment extension (method, layer, class, score). Nothing from the patient goes into headers or file names.
+map's range, a short ``descrip`` and a JSON comment extension (method, layer, class, score). Nothing
+from the patient goes into headers or file names.
 
 Writes are all-or-nothing: every target is checked first (existing file, input file), each file is
 written to a hidden temp file in ``out_dir`` and moved into place with an atomic rename; on any error
@@ -403,7 +404,7 @@ def save_volume_nifti(
     if data.ndim != 3:
         raise ExportError(f"Expected a 3D volume (optionally with one channel), got shape {tuple(data.shape)}.")
     target = Path(os.path.abspath(Path(path).expanduser()))
-    if not target.name.endswith((".nii", ".nii.gz")):
+    if not target.name.endswith(NIFTI_SUFFIXES):
         raise ExportError(f"{target}: output name must end in .nii or .nii.gz.")
     meta = _meta(volume)
     q, s = _xform_codes(meta)
@@ -501,7 +502,7 @@ def save_nifti(
         overwrite: replace existing files; otherwise an existing target is an error.
         source_paths: input files that must never be overwritten (the volume's own
             ``meta['filename_or_obj']`` is always protected).
-        storage: "uint16" (default: ``scl_slope`` = max/65535, zeros and the maximum exact, every
+        storage: "uint16" (default: ``scl_slope`` ~ max/65535, zeros exact, every
             value within 7.6e-6 of the map's maximum (in the ``four_d`` file, which shares one
             slope, of the largest class maximum), see :func:`quantise_uint16`; half the bytes
             of float32 and far below one step of any viewer's colour table) or "float32" (the

@@ -100,7 +100,7 @@ def _check_claimed_size(p: Path, img: Any) -> None:
     """Refuse a single-file NIfTI whose header claims more voxel bytes than the file can hold,
     before any voxel is read (a 83-byte .nii.gz claiming 2000^3 int16 would allocate 16 GB)."""
     name = p.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    if not name.endswith(NIFTI_SUFFIXES):
         return
     claimed = int(img.header.get_data_offset()) + int(np.prod(img.shape, dtype=np.float64)) * int(
         img.get_data_dtype().itemsize
